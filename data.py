@@ -1,0 +1,327 @@
+"""GAP data: the JSONL schema, query images through the Qwen2.5-VL image processor, the chat template, latent-span
+serialization (<|latent_start|> + K x <|latent_pad|> + <|latent_end|>), label masking, difficulty-aware
+stripping, batch collation, and the offline auxiliary-image target cache (paper 4.1, 4.3, appendix F, I).
+
+One JSONL line per example (paths relative to the JSONL file):
+    {"id", "image", "question", "response" (with one "<latent>" placeholder), "aux_image", "answer", "accuracy"}
+
+Extract the latent targets once, with the frozen vision tower of the *base* model:
+    python data.py --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl --latent_tokens 36 --cache_dir cache
+"""
+import dataclasses
+import json
+import math
+import os
+
+import torch
+from PIL import Image
+
+IGNORE = -100
+PLACEHOLDER = "<latent>"
+SYSTEM = "You are a helpful assistant."
+
+
+class DataError(ValueError):
+    """Bad input, with the file, line and field it came from."""
+
+    def __init__(self, file, line, field, msg):
+        super().__init__(f"{file}:{line}: field '{field}': {msg}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading and checking the JSONL
+
+REQUIRED = {"id": (str, int), "image": (str,), "question": (str,), "response": (str,)}
+OPTIONAL = {"aux_image": (str,), "answer": (str, int, float), "accuracy": (int, float)}
+
+
+def read_jsonl(path, skip_bad=False, need_response=True):
+    """Parse and check every line. Returns (rows, n_skipped); each row gets `_line` (1-based) and `_file`.
+    A malformed line raises DataError naming file, line and field, unless skip_bad (then it is counted)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: data file not found")
+    rows, seen, skipped = [], {}, 0
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(check_row(path, line_no, line, seen, need_response))
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                skipped += 1
+                print(f"skipping bad example: {e}")
+    return rows, skipped
+
+
+def check_row(path, line_no, line, seen, need_response=True):
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(path, line_no, "<json>", f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(path, line_no, "<json>", f"expected an object, got {type(row).__name__}")
+    required = REQUIRED if need_response else {k: v for k, v in REQUIRED.items() if k != "response"}
+    for key, types in list(required.items()) + list(OPTIONAL.items()):
+        if key not in row:
+            if key in required:
+                raise DataError(path, line_no, key, "missing")
+        elif not isinstance(row[key], types) or isinstance(row[key], bool):
+            raise DataError(path, line_no, key, f"expected {'/'.join(t.__name__ for t in types)}, "
+                                                f"got {type(row[key]).__name__}")
+    row["id"] = str(row["id"])
+    if row["id"] in seen:
+        raise DataError(path, line_no, "id", f"duplicate id {row['id']!r} (first on line {seen[row['id']]})")
+    seen[row["id"]] = line_no
+    n_placeholders = row.get("response", "").count(PLACEHOLDER)
+    if n_placeholders > 1:
+        raise DataError(path, line_no, "response", f"{n_placeholders} '{PLACEHOLDER}' placeholders; GAP has one")
+    if n_placeholders and "aux_image" not in row:
+        raise DataError(path, line_no, "aux_image", f"missing, but the response has a '{PLACEHOLDER}' placeholder")
+    row["_line"], row["_file"] = line_no, path
+    return row
+
+
+def resolve(row, key):
+    """Absolute path of an image field (paths are relative to the JSONL file); DataError if it is missing."""
+    path = os.path.join(os.path.dirname(os.path.abspath(row["_file"])), row[key])
+    if not os.path.exists(path):
+        raise DataError(row["_file"], row["_line"], key, f"image file not found: {path}")
+    return path
+
+
+def open_image(row, key):
+    path = resolve(row, key)
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises several types for corrupt files
+        raise DataError(row["_file"], row["_line"], key, f"cannot read image {path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# images, prompts and responses as token ids
+
+def process_image(image_processor, image, min_pixels=0, max_pixels=0):
+    """pixel_values (N_patches, C*T*P*P) and image_grid_thw (1, 3); min/max pixels override the processor's."""
+    kw = {}
+    if min_pixels or max_pixels:
+        size = dict(image_processor.size)
+        size.update({k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v})
+        kw["size"] = size
+    out = image_processor(images=[image], return_tensors="pt", **kw)
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def prompt_text(question, n_image_tokens):
+    """Qwen2.5-VL's chat template for one image + one question, ending at the assistant turn."""
+    return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+            f"{'<|image_pad|>' * n_image_tokens}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def n_image_tokens(image_grid_thw, merge_size=2):
+    return int(image_grid_thw.prod()) // merge_size ** 2
+
+
+def response_ids(tokenizer, response, latent_ids, latent_tokens, keep_latent):
+    """Token ids and labels of the assistant response. The placeholder becomes <|latent_start|> K x
+    <|latent_pad|> <|latent_end|> when keep_latent, else it is removed (text-only / K=0: the parser text
+    stays). Labels: every response token and <|im_end|>, except <|latent_pad|> and <|latent_end|>, which the
+    loop writes rather than samples; <|latent_start|> IS a target (the model decides when to enter)."""
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    before, _, after = response.partition(PLACEHOLDER)
+    if PLACEHOLDER in response and keep_latent and latent_tokens > 0:
+        span = [latent_ids["start"]] + [latent_ids["pad"]] * latent_tokens + [latent_ids["end"]]
+        ids = enc(before) + span + enc(after) + [end_of_turn]
+    else:
+        ids = enc(" ".join(p for p in (before.rstrip(" "), after.lstrip(" ")) if p)) + [end_of_turn]
+    labels = [IGNORE if t in (latent_ids["pad"], latent_ids["end"]) else t for t in ids]
+    return ids, labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the training data set
+
+class TargetCache:
+    """Auxiliary-image latent targets on disk: DIR/K{K}/shard_*.safetensors, one (K, d) tensor per example id."""
+
+    def __init__(self, cache_dir, latent_tokens):
+        from safetensors import safe_open
+        self.dir = os.path.join(cache_dir, f"K{latent_tokens}")
+        self.where = {}
+        if os.path.isdir(self.dir):
+            for name in sorted(os.listdir(self.dir)):
+                if name.endswith(".safetensors"):
+                    with safe_open(os.path.join(self.dir, name), "pt") as f:
+                        self.where.update({key: name for key in f.keys()})
+
+    def __contains__(self, key):
+        return key in self.where
+
+    def get(self, key):
+        from safetensors import safe_open
+        if key not in self.where:
+            raise KeyError(f"no latent targets for id {key!r} in {self.dir}; run data.py to extract them")
+        with safe_open(os.path.join(self.dir, self.where[key]), "pt") as f:
+            return f.get_tensor(key)
+
+
+@dataclasses.dataclass
+class DataSpec:
+    """How examples become tensors (shared by train.py and infer.py)."""
+    latent_tokens: int = 36
+    difficulty_tau: float = 0.0
+    max_len: int = 8192
+    image_min_pixels: int = 0
+    image_max_pixels: int = 0
+
+
+class GAPDataset(torch.utils.data.Dataset):
+    """Training examples: prompt + serialized response, labels, query-image pixels and latent targets."""
+
+    def __init__(self, path, tokenizer, image_processor, latent_ids, spec: DataSpec, target_cache=None,
+                 skip_bad=False):
+        self.rows, self.skipped = read_jsonl(path, skip_bad)
+        self.tokenizer, self.image_processor, self.latent_ids, self.spec = tokenizer, image_processor, latent_ids, spec
+        self.targets = target_cache
+        self.merge = 2
+        if spec.latent_tokens and any(self.keeps_latent(r) for r in self.rows) and target_cache is None:
+            raise ValueError(f"{path}: examples keep latent spans (K={spec.latent_tokens}) but no target cache given")
+
+    def __len__(self):
+        return len(self.rows)
+
+    def keeps_latent(self, row):
+        """Difficulty-aware assignment (eq. 4): latent supervision only where accuracy <= tau."""
+        return (self.spec.latent_tokens > 0 and PLACEHOLDER in row["response"]
+                and float(row.get("accuracy", 0.0)) <= self.spec.difficulty_tau)
+
+    def __getitem__(self, i):
+        row, spec = self.rows[i], self.spec
+        pixel_values, grid = process_image(self.image_processor, open_image(row, "image"),
+                                           spec.image_min_pixels, spec.image_max_pixels)
+        prompt = self.tokenizer(prompt_text(row["question"], n_image_tokens(grid, self.merge)),
+                                add_special_tokens=False)["input_ids"]
+        keep = self.keeps_latent(row)
+        ids, labels = response_ids(self.tokenizer, row["response"], self.latent_ids, spec.latent_tokens, keep)
+        input_ids, labels = prompt + ids, [IGNORE] * len(prompt) + labels
+        if len(input_ids) > spec.max_len:
+            raise DataError(row["_file"], row["_line"], "response",
+                            f"sequence of {len(input_ids)} tokens exceeds max_len={spec.max_len}")
+        targets = None
+        if keep:
+            try:
+                targets = self.targets.get(row["id"])
+            except KeyError as e:
+                raise DataError(row["_file"], row["_line"], "aux_image", str(e)) from None
+            if targets.shape[0] != spec.latent_tokens:
+                raise DataError(row["_file"], row["_line"], "aux_image",
+                                f"cached target has {targets.shape[0]} latent vectors but K={spec.latent_tokens}")
+        return dict(id=row["id"], input_ids=torch.tensor(input_ids), labels=torch.tensor(labels),
+                    pixel_values=pixel_values, image_grid_thw=grid, latent_targets=targets)
+
+
+def collate(items, pad_id, left=False):
+    """Pad a list of examples into a batch: right padding for training, left padding for generation (so every
+    row's next token is at the same column). Latent targets are concatenated in row-major slot order."""
+    T = max(len(it["input_ids"]) for it in items)
+    B = len(items)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    for b, it in enumerate(items):
+        n = len(it["input_ids"])
+        cols = slice(T - n, T) if left else slice(0, n)
+        input_ids[b, cols], attention_mask[b, cols] = it["input_ids"], 1
+        if "labels" in it:
+            labels[b, cols] = it["labels"]
+    targets = [it["latent_targets"] for it in items if it.get("latent_targets") is not None]
+    return dict(ids=[it["id"] for it in items], input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                pixel_values=torch.cat([it["pixel_values"] for it in items]),
+                image_grid_thw=torch.cat([it["image_grid_thw"] for it in items]),
+                latent_targets=torch.cat(targets) if targets else None)
+
+
+def encode_prompt(tokenizer, image_processor, image, question, spec: DataSpec, id="0"):
+    """One generation prompt (image + question) as a collate()-able item."""
+    pixel_values, grid = process_image(image_processor, image, spec.image_min_pixels, spec.image_max_pixels)
+    ids = tokenizer(prompt_text(question, n_image_tokens(grid)), add_special_tokens=False)["input_ids"]
+    return dict(id=id, input_ids=torch.tensor(ids), pixel_values=pixel_values, image_grid_thw=grid)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# offline target extraction with the frozen base vision tower
+
+@torch.no_grad()
+def aux_targets(backbone, image_processor, images, latent_tokens):
+    """(len(images), K, d) vision embeddings of auxiliary images resized so the merged grid is sqrt(K) x sqrt(K)
+    (K=36: 6x6 merged = 12x12 patches of 14 px = 168x168 px): what Qwen2.5-VL scatters into <|image_pad|>."""
+    vc = backbone.config.vision_config
+    side = math.isqrt(latent_tokens) * vc.patch_size * vc.spatial_merge_size
+    images = [im.resize((side, side), Image.BICUBIC) for im in images]
+    out = image_processor(images=images, size={"shortest_edge": side * side, "longest_edge": side * side},
+                          return_tensors="pt")
+    grid = out["image_grid_thw"]
+    want = torch.tensor([1, side // vc.patch_size, side // vc.patch_size])
+    if not bool((grid == want).all()):
+        raise ValueError(f"aux image grid {grid[0].tolist()} != {want.tolist()} for K={latent_tokens}")
+    device = next(backbone.parameters()).device
+    feats = backbone.model.get_image_features(out["pixel_values"].to(device), grid.to(device)).pooler_output
+    return torch.stack(feats)  # (N, K, d)
+
+
+@dataclasses.dataclass
+class TargetsConfig:
+    """Extract auxiliary-image latent targets with the frozen base vision tower into a safetensors cache."""
+    model: str = dataclasses.field(default="", metadata={"help": "base model directory or hub id"})
+    data: str = dataclasses.field(default="", metadata={"help": "training JSONL"})
+    latent_tokens: int = dataclasses.field(default=36, metadata={"help": "K, a perfect square"})
+    cache_dir: str = dataclasses.field(default="cache", metadata={"help": "writes CACHE_DIR/K{K}/shard_*.safetensors"})
+    batch_size: int = dataclasses.field(default=16, metadata={"help": "aux images per vision-tower call"})
+    shard_size: int = dataclasses.field(default=512, metadata={"help": "examples per shard file"})
+    skip_bad: bool = dataclasses.field(default=False, metadata={"help": "skip (and count) bad lines/images"})
+
+
+def extract_targets(cfg: TargetsConfig, backbone=None, image_processor=None):
+    """Resumable: examples already in the cache are skipped; each shard is written atomically."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    if backbone is None:
+        from model import load_backbone
+        backbone, _, image_processor = load_backbone(cfg.model)
+    rows, skipped = read_jsonl(cfg.data, cfg.skip_bad)
+    cache = TargetCache(cfg.cache_dir, cfg.latent_tokens)
+    todo = [r for r in rows if PLACEHOLDER in r["response"] and r["id"] not in cache]
+    os.makedirs(cache.dir, exist_ok=True)
+    shard_no = len([n for n in os.listdir(cache.dir) if n.endswith(".safetensors")])
+    shard, extracted = {}, 0
+    for i in tqdm(range(0, len(todo), cfg.batch_size), desc="targets", unit="batch"):
+        batch, images = [], []
+        for r in todo[i:i + cfg.batch_size]:
+            try:
+                images.append(open_image(r, "aux_image"))
+                batch.append(r)
+            except DataError as e:
+                if not cfg.skip_bad:
+                    raise
+                skipped += 1
+                print(f"skipping bad example: {e}")
+        if batch:
+            feats = aux_targets(backbone, image_processor, images, cfg.latent_tokens).cpu()
+            shard.update({r["id"]: f.contiguous() for r, f in zip(batch, feats)})
+            extracted += len(batch)
+        if len(shard) >= cfg.shard_size or (i + cfg.batch_size >= len(todo) and shard):
+            path = os.path.join(cache.dir, f"shard_{shard_no:05d}.safetensors")
+            save_file(shard, path + ".tmp")
+            os.replace(path + ".tmp", path)
+            shard, shard_no = {}, shard_no + 1
+    print(f"targets: {extracted} extracted, {len(rows) - len(todo)} already cached or text-only, "
+          f"{skipped} skipped -> {cache.dir}")
+    return skipped
+
+
+if __name__ == "__main__":
+    from model import parse_config
+    extract_targets(parse_config(TargetsConfig))
