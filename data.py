@@ -12,12 +12,15 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import torch
 from PIL import Image
 
 IGNORE = -100
 PLACEHOLDER = "<latent>"
+# a response may also carry an already serialized span; it must hold exactly K pads
+SPAN = re.compile(r"<\|latent_start\|>((?:<\|latent_pad\|>)*)<\|latent_end\|>")
 SYSTEM = "You are a helpful assistant."
 
 
@@ -71,6 +74,9 @@ def check_row(path, line_no, line, seen, need_response=True):
             raise DataError(path, line_no, key, f"expected {'/'.join(t.__name__ for t in types)}, "
                                                 f"got {type(row[key]).__name__}")
     row["id"] = str(row["id"])
+    if "response" in row and SPAN.search(row["response"]):
+        row["_span_pads"] = [m.group(1).count("<|latent_pad|>") for m in SPAN.finditer(row["response"])]
+        row["response"] = SPAN.sub(PLACEHOLDER, row["response"])
     if row["id"] in seen:
         raise DataError(path, line_no, "id", f"duplicate id {row['id']!r} (first on line {seen[row['id']]})")
     seen[row["id"]] = line_no
@@ -200,6 +206,10 @@ class GAPDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row, spec = self.rows[i], self.spec
+        for n in row.get("_span_pads", []):
+            if n != spec.latent_tokens:
+                raise DataError(row["_file"], row["_line"], "response",
+                                f"latent span has {n} <|latent_pad|> tokens but K={spec.latent_tokens}")
         pixel_values, grid = process_image(self.image_processor, open_image(row, "image"),
                                            spec.image_min_pixels, spec.image_max_pixels)
         prompt = self.tokenizer(prompt_text(row["question"], n_image_tokens(grid, self.merge)),
