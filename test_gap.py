@@ -357,7 +357,7 @@ def test_ddp_two_processes_equal_one_process(world, tmp_path):
     script.write_text(DDP_SCRIPT)
     args = [world["model"], world["data"], str(world["root"] / "cache")]
     run([sys.executable, str(script), *args, str(tmp_path / "one.pt"), "2"])
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(script), *args, str(tmp_path / "two.pt"), "1"])
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one.keys() == two.keys() and any(k.startswith("head.") for k in one)
