@@ -182,7 +182,7 @@ class GAP(nn.Module):
     # -- training -----------------------------------------------------------------------------------------
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None,
-                latent_targets=None):
+                latent_targets=None, scheduled_sampling=False):
         """Teacher-forced pass. Returns sums and counts so the caller can normalize by the *global* number of
         supervised tokens / latent slots (see loss()):
           lm_sum     = sum of next-token CE over positions whose next token has a label (assistant tokens;
@@ -190,13 +190,20 @@ class GAP(nn.Module):
           latent_sum = sum over latent slots t of MSE(head(h_bar_{t-1}), v_t), in fp32."""
         embeds = self.embed(input_ids, pixel_values, image_grid_thw, latent_targets)
         pos = self.position_ids(input_ids, attention_mask, image_grid_thw)
+        slot_next = input_ids[:, 1:] == self.pad_id  # (B, T-1): the next token is a latent slot
+        if scheduled_sampling and bool(slot_next.any()):
+            # ablation (appendix F): a no-grad pass predicts every latent, and those predictions replace the
+            # targets as inputs of the trained pass, closer to inference where latents are fed back
+            with torch.no_grad():
+                h, _ = self.states(embeds, attention_mask, pos)
+                v_pred = self.head(h[:, :-1][slot_next])
+            embeds = embeds.masked_scatter((input_ids == self.pad_id)[..., None], v_pred.to(embeds.dtype))
         h, _ = self.states(embeds, attention_mask, pos)  # (B, T, D)
         h_prev, next_labels = h[:, :-1], labels[:, 1:]  # position t predicts token t+1
         supervised = next_labels != IGNORE
         logits = self.backbone.lm_head(h_prev[supervised]).float()  # (N_lm, V): only where there is a target
         lm_sum = F.cross_entropy(logits, next_labels[supervised], reduction="sum")
         # slot t's latent is predicted from the state one position earlier (<|latent_start|> for the first)
-        slot_next = input_ids[:, 1:] == self.pad_id  # (B, T-1)
         v_hat = self.head(h_prev[slot_next])  # (N_slots, D) fp32; called even when empty so DDP sees the head
         if latent_targets is None:
             latent_targets = v_hat.new_zeros(0, v_hat.shape[-1])

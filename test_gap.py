@@ -338,7 +338,7 @@ from train import TrainConfig, setup_distributed, build, load_micro_batches, tra
 from torch.nn.parallel import DistributedDataParallel as DDP
 rank, world, device = setup_distributed()
 cfg = TrainConfig(model=sys.argv[1], data=sys.argv[2], target_cache=sys.argv[3], latent_tokens=4, adapter_dim=16,
-                  micro_batch=int(sys.argv[5]))
+                  micro_batch=int(sys.argv[5]), pca_path=sys.argv[6])
 torch.manual_seed(0)
 g, tok, _, ds, _ = build(cfg, device, rank, world)
 g.train()
@@ -355,14 +355,16 @@ def test_ddp_two_processes_equal_one_process(world, tmp_path):
     """2 gloo ranks x (2 micro-steps of 1) give the gradients of 1 process on the whole batch of 4."""
     script = tmp_path / "ddp_step.py"
     script.write_text(DDP_SCRIPT)
+    pca_lib.save(str(tmp_path / "pca.safetensors"), world["basis"])  # one basis for both runs
     args = [world["model"], world["data"], str(world["root"] / "cache")]
-    run([sys.executable, str(script), *args, str(tmp_path / "one.pt"), "2"])
+    run([sys.executable, str(script), *args, str(tmp_path / "one.pt"), "2", str(tmp_path / "pca.safetensors")])
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), *args, str(tmp_path / "two.pt"), "1"])
+         str(script), *args, str(tmp_path / "two.pt"), "1", str(tmp_path / "pca.safetensors")])
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one.keys() == two.keys() and any(k.startswith("head.") for k in one)
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-4, msg=name)
+    for name in one:  # per-tensor relative error: entries that cancel to ~0 differ by summation order only
+        err = float((two[name] - one[name]).norm() / one[name].norm().clamp(min=1e-12))
+        assert err < 1e-4, f"{name}: relative gradient difference {err:.2e}"
 
 
 def test_round_trip_train_save_infer(world, tmp_path):
@@ -470,3 +472,27 @@ def test_difficulty_stripping_and_dense_caption_control(world, gap, tmp_path):
     assert not torch.isin(dense[0]["input_ids"], torch.tensor([g.start_id, g.pad_id, g.end_id])).any()
     text_only = rows[0]["response"].replace(" <latent>", "") + "<|im_end|>"
     assert tokenizer.decode(dense[0]["input_ids"]).endswith(text_only)
+
+
+def test_scheduled_sampling_feeds_predicted_latents(world, gap):
+    """--scheduled_sampling: the trained pass sees the no-grad pass's predictions at the latent slots, and the
+    loss still compares against the targets."""
+    g, tokenizer, image_processor = gap
+    ds = GAPDataset(world["data"], tokenizer, image_processor,
+                    dict(start=g.start_id, pad=g.pad_id, end=g.end_id), DataSpec(latent_tokens=K), world["cache"])
+    b = collate([ds[2], ds[3]], tokenizer.pad_token_id)
+    args = (b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"], b["image_grid_thw"])
+    pos = g.position_ids(b["input_ids"], b["attention_mask"], b["image_grid_thw"])
+    slot_next = b["input_ids"][:, 1:] == g.pad_id
+
+    def predictions(latent_inputs):
+        embeds = g.embed(b["input_ids"], b["pixel_values"], b["image_grid_thw"], latent_inputs)
+        return g.head(g.states(embeds, b["attention_mask"], pos)[0][:, :-1][slot_next])
+
+    with torch.no_grad():
+        tf = g(*args, latent_targets=b["latent_targets"])
+        ss = g(*args, latent_targets=b["latent_targets"], scheduled_sampling=True)
+        v2 = predictions(predictions(b["latent_targets"]))
+    expected = float((v2 - b["latent_targets"]).pow(2).mean(-1).sum())
+    assert abs(float(ss["latent_sum"]) - expected) < 1e-5
+    assert abs(float(ss["latent_sum"]) - float(tf["latent_sum"])) > 1e-4

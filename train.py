@@ -40,6 +40,7 @@ class TrainConfig:
     pca_var: float = field(default=0.95, metadata={"help": "explained variance that sets k (paper: 0.95 -> k=629)"})
     adapter_dim: int = field(default=256, metadata={"help": "hidden width of the head's SwiGLU adapter"})
     lambda_latent: float = field(default=1.0, metadata={"help": "weight of L_latent in L (eq. 3)"})
+    scheduled_sampling: bool = field(default=False, metadata={"help": "ablation: feed predicted latents, not targets"})
     difficulty_tau: float = field(default=0.0, metadata={"help": "latent supervision only where accuracy <= tau"})
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate of the backbone"})
     head_lr: float = field(default=1e-5, metadata={"help": "peak learning rate of the latent head"})
@@ -160,7 +161,7 @@ def train_step(model, micro_batches, cfg, device, world):
             model.require_backward_grad_sync = last
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in mb.items() if k != "ids"}
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(**batch)
+            out = model(**batch, scheduled_sampling=cfg.scheduled_sampling)
         loss = (out["lm_sum"] / max(n_lm, 1) + cfg.lambda_latent * out["latent_sum"] / max(n_latent, 1)) * world
         loss.backward()
         lm_sum, latent_sum = lm_sum + out["lm_sum"].item(), latent_sum + out["latent_sum"].item()
