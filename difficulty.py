@@ -2,15 +2,44 @@
 example, matched against `answer`, written as `accuracy`.
 
     python difficulty.py --model BASE --data train.jsonl --out train.scored.jsonl --samples 8
+    torchrun --nproc_per_node 8 difficulty.py --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl \
+        --out train.scored.jsonl --samples 8 --temperature 1.0 --top_p 1.0 --tau 0.0
 
 For every JSONL example the base model answers from image + question alone, N times with sampling; the
 final answer of each sample is extracted, compared with the ground-truth `answer`, and `accuracy` is the
-fraction correct (GAP_SPEC "Difficulty estimation").
+fraction correct (GAP_SPEC "Difficulty estimation"). OUT gets every input line, in input order, with its
+fields unchanged plus `accuracy` and `answers` (the N extracted answers; `responses` with --responses).
+
+Sampling: one generate call per batch of --batch_size prompts, each prompt prefilled once and its KV cache
+repeated into N decode rows (GAP.generate num_samples). Batches are fixed chunks of the input and rank r
+takes chunks r, r + world, ...; each chunk's generator is seeded from (--seed, its first id). So the output
+is a function of the data, the model and the sampling flags (--batch_size included), and is the same for
+any number of ranks and whether or not the run was interrupted (on one kind of device and thread count;
+a different --batch_size draws different, equally valid, samples).
+
+Resumable: each rank appends finished chunks to OUT-stem.rankR.jsonl (flushed and fsynced per chunk); a
+restart reads every part file, drops a line torn by a kill, and skips the ids already there. The flags that
+change samples are kept in OUT-stem.config.json and a restart with other ones fails. Rank 0 merges the parts
+into OUT (atomically) and writes OUT-stem.summary.json; the part files stay, so a re-run only re-merges.
 
 extract_answer / answers_match / normalize_answer are plain stdlib functions that infer.py reuses for
 evaluation, so difficulty scores and benchmark accuracy come from one and the same matcher.
 """
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
 import re
+from dataclasses import field
+
+import torch
+import torch.distributed as dist
+
+from data import PLACEHOLDER, DataError, DataSpec, check_row, collate, encode_prompt, open_image
+from latent_head import LatentHead
+from model import GAP, add_latent_tokens, atomic_write_text, load_backbone, parse_config
+from train import setup_distributed
 
 # ----------------------------------------------------------------------------------------------------
 # Extraction: response text -> final answer string
@@ -218,3 +247,220 @@ def answers_match(pred: str, truth: str, question: str | None = None) -> bool:
     if p_letter and p_rest:
         return _values_match(p_rest, truth)
     return _values_match(pred, truth)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring: N samples of the base model per example
+
+@dataclasses.dataclass
+class DifficultyConfig:
+    """Score every example by the accuracy of N sampled answers of the base model (GAP_SPEC 'Difficulty')."""
+    model: str = field(default="", metadata={"help": "base Qwen2.5-VL directory or hub id (no GAP checkpoint)"})
+    data: str = field(default="", metadata={"help": "JSONL with id, image, question, answer"})
+    out: str = field(default="", metadata={"help": "scored JSONL: every input line + accuracy + answers"})
+    samples: int = field(default=8, metadata={"help": "N sampled answers per example (paper: 8)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0: greedy, N equal answers)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "tokens per sampled answer"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per generate call; each decodes N rows"})
+    seed: int = field(default=0, metadata={"help": "sampling seed; each chunk's generator is (seed, first id)"})
+    tau: float = field(default=0.0, metadata={"help": "summary: accuracy <= tau gets latent supervision (eq. 4)"})
+    image_min_pixels: int = field(default=0, metadata={"help": "query-image min pixels (0: processor's)"})
+    image_max_pixels: int = field(default=0, metadata={"help": "query-image max pixels (0: processor's)"})
+    responses: bool = field(default=False, metadata={"help": "also write the N decoded responses"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip and count bad examples instead of stopping"})
+
+
+# the flags that change what is sampled: a resumed run must use the same ones
+SAMPLING_KEYS = ("model", "data", "samples", "temperature", "top_p", "max_new_tokens", "batch_size", "seed",
+                 "image_min_pixels", "image_max_pixels", "responses")
+
+
+def read_examples(path, skip_bad=False):
+    """data.check_row on every line, plus a non-empty `answer`. Returns (rows, n_bad); each row also keeps
+    `_raw`, the line's own JSON object, which is what goes to the output (ids and types as written)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: data file not found")
+    rows, seen, bad = [], {}, 0
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = check_row(path, line_no, line, seen, need_response=False)
+                if not str(row.get("answer", "")).strip():
+                    raise DataError(path, line_no, "answer", "missing or empty: difficulty needs the ground truth")
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                bad += 1
+                print(f"skipping bad example: {e}")
+                continue
+            rows.append(dict(row, _raw=json.loads(line)))
+    return rows, bad
+
+
+def load_scorer(path, device=None):
+    """The base model as a GAP with no latents: K = 0 and a parameter-free head, so generate() is plain
+    sampling with <|latent_start|> banned. The latent ids are added only so that they exist; with room in the
+    vocab (Qwen2.5-VL has) nothing is resized and every other token's logit is the base model's."""
+    backbone, tokenizer, image_processor = load_backbone(path, device)
+    ids = add_latent_tokens(backbone, tokenizer)
+    head = LatentHead("hidden", backbone.config.text_config.hidden_size).to(backbone.device)
+    return GAP(backbone, head, ids, latent_tokens=0).eval(), tokenizer, image_processor
+
+
+def chunk_seed(seed, first_id):
+    """A stable 63-bit seed from (seed, id); Python's hash() is salted per process."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{first_id}".encode()).digest()[:8], "little") >> 1
+
+
+def score_chunk(gap, tokenizer, image_processor, chunk, cfg: DifficultyConfig):
+    """Result lines (JSON + newline) of one chunk of examples, from one generate call in which each prompt
+    is prefilled once and decoded in N rows (row b*N + j is sample j of prompt b). A bad image is an error,
+    or with skip_bad a `_skipped` line that the merge counts and leaves out."""
+    spec = DataSpec(latent_tokens=0, image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels)
+    items, lines = [], {}
+    for r in chunk:
+        try:
+            items.append(encode_prompt(tokenizer, image_processor, open_image(r, "image"), r["question"], spec,
+                                       r["id"]))
+        except DataError as e:
+            if not cfg.skip_bad:
+                raise
+            print(f"skipping bad example: {e}")
+            lines[r["id"]] = json.dumps({"id": r["id"], "_skipped": str(e)}) + "\n"
+    if items:
+        dev, n = gap.backbone.device, cfg.samples
+        batch = collate(items, tokenizer.pad_token_id, left=True)
+        stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        out = gap.generate(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                           batch["pixel_values"].to(dev), batch["image_grid_thw"].to(dev),
+                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                           num_samples=n, stop_ids=stop_ids,
+                           generator=torch.Generator(dev).manual_seed(chunk_seed(cfg.seed, chunk[0]["id"])))
+        tokens = out["tokens"].cpu()  # (B*N, S)
+        for b, r in enumerate([r for r in chunk if r["id"] not in lines]):  # the rows that got a prompt
+            responses = [gap.decode(tokenizer, t) for t in tokens[b * n:(b + 1) * n]]
+            answers = [extract_answer(s) for s in responses]
+            correct = sum(answers_match(a, str(r["answer"]), r["question"]) for a in answers)
+            result = dict(r["_raw"], accuracy=correct / n, answers=answers)
+            if cfg.responses:
+                result["responses"] = responses
+            lines[r["id"]] = json.dumps(result) + "\n"
+    return [lines[r["id"]] for r in chunk]
+
+
+def output_paths(out):
+    """(part file pattern with {} for the rank, config sidecar, summary) beside OUT."""
+    stem = out[:-len(".jsonl")] if out.endswith(".jsonl") else out
+    return stem + ".rank{}.jsonl", stem + ".config.json", stem + ".summary.json"
+
+
+def part_files(pattern):
+    folder, name = os.path.split(pattern)
+    prefix, suffix = name.split("{}")
+    names = os.listdir(folder or ".")
+    return sorted(os.path.join(folder, f) for f in names
+                  if f.startswith(prefix) and f.endswith(suffix) and f[len(prefix):-len(suffix)].isdigit())
+
+
+def read_part(path):
+    """({id: line}, n_bytes) of the complete result lines at the start of a part file. A line torn by a kill
+    (no newline, or not JSON) and anything after it is not part of them."""
+    results, good = {}, 0
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:  # JSON or UTF-8 cut mid-way
+                    break
+                if not line.endswith(b"\n") or not isinstance(r, dict) or "id" not in r:
+                    break
+                results[str(r["id"])] = line.decode()
+                good += len(line)
+    return results, good
+
+
+def merge(cfg: DifficultyConfig, rows, bad_lines, pattern, summary_path, world):
+    """Rank 0, after every rank is done: the parts -> OUT in input order, and the summary."""
+    results = {}
+    for path in part_files(pattern):
+        results.update(read_part(path)[0])
+    missing = [r["id"] for r in rows if r["id"] not in results]
+    if missing:
+        raise RuntimeError(f"{len(missing)} examples have no result in {pattern.format('*')} "
+                           f"(first: {missing[0]!r}); re-run to score them")
+    lines = [results[r["id"]] for r in rows]
+    parsed = [json.loads(line) for line in lines]
+    atomic_write_text(cfg.out, "".join(line for line, s in zip(lines, parsed) if "_skipped" not in s))
+    scored = [(r, s) for r, s in zip(rows, parsed) if "_skipped" not in s]
+    accs = [s["accuracy"] for _, s in scored]
+    hard = [r for r, s in scored if s["accuracy"] <= cfg.tau]
+    summary = dict(data=cfg.data, out=cfg.out, examples=len(scored), skipped=bad_lines + len(rows) - len(scored),
+                   mean_accuracy=sum(accs) / max(len(accs), 1), tau=cfg.tau, accuracy_le_tau=len(hard),
+                   latent_supervised=sum(PLACEHOLDER in r.get("response", "") for r in hard),
+                   accuracy_counts={str(a): accs.count(a) for a in sorted(set(accs))},
+                   **{k: getattr(cfg, k) for k in SAMPLING_KEYS if k not in ("data",)}, ranks=world)
+    atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+    print(f"scored {summary['examples']} examples ({summary['skipped']} skipped), mean accuracy "
+          f"{summary['mean_accuracy']:.4f}; {len(hard)} with accuracy <= tau={cfg.tau}, of which "
+          f"{summary['latent_supervised']} have a {PLACEHOLDER} span and get latent supervision -> {cfg.out}")
+    return summary
+
+
+def main(cfg: DifficultyConfig):
+    from tqdm import tqdm
+    if not (cfg.model and cfg.data and cfg.out):
+        raise SystemExit("give --model, --data and --out (see --help)")
+    if cfg.samples < 1 or cfg.batch_size < 1:
+        raise ValueError(f"--samples and --batch_size must be >= 1, got {cfg.samples} and {cfg.batch_size}")
+    rank, world, device = setup_distributed()
+    # a gloo group with a long timeout for the barriers: ranks may finish hours apart
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7)) if world > 1 else None
+    barrier = (lambda: dist.barrier(group=group)) if world > 1 else (lambda: None)  # noqa: E731
+    rows, bad_lines = read_examples(cfg.data, cfg.skip_bad)
+    pattern, config_path, summary_path = output_paths(cfg.out)
+    run_config = {k: getattr(cfg, k) for k in SAMPLING_KEYS}
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            before = json.load(f)
+        if before != run_config:
+            changed = {k: (before.get(k), v) for k, v in run_config.items() if before.get(k) != v}
+            raise ValueError(f"{config_path}: the parts beside it were sampled with other flags "
+                             f"(was, now): {changed}; use those, or another --out")
+    done, mine = {}, pattern.format(rank)
+    for path in part_files(pattern):  # parts of any rank count: the output does not depend on the rank
+        done.update(read_part(path)[0])
+    keep = read_part(mine)[1]
+    barrier()  # every rank has read the parts before any rank changes them
+    if os.path.exists(mine):
+        os.truncate(mine, keep)  # drop a line torn by a kill
+    if rank == 0 and not os.path.exists(config_path):
+        atomic_write_text(config_path, json.dumps(run_config, indent=2) + "\n")
+
+    chunks = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)][rank::world]
+    todo = [c for c in chunks if any(r["id"] not in done for r in c)]
+    print(f"rank {rank}/{world}: {sum(len(c) for c in chunks)} examples, "
+          f"{sum(r['id'] in done for c in chunks for r in c)} already done, {bad_lines} bad lines skipped")
+    gap, tokenizer, image_processor = load_scorer(cfg.model, device) if todo else (None, None, None)
+    with open(mine, "a") as f:
+        for chunk in tqdm(todo, desc="difficulty", unit="batch", disable=rank != 0):
+            lines = score_chunk(gap, tokenizer, image_processor, chunk, cfg)
+            # a chunk cut by a kill is sampled again whole (same generator), only its missing lines written
+            f.write("".join(line for r, line in zip(chunk, lines) if r["id"] not in done))
+            f.flush()
+            os.fsync(f.fileno())
+    barrier()
+    summary = merge(cfg, rows, bad_lines, pattern, summary_path, world) if rank == 0 else None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_config(DifficultyConfig))
+    except DataError as e:
+        raise SystemExit(f"error: {e} (--skip_bad skips and counts bad examples)")

@@ -339,7 +339,7 @@ def loss(out, n_lm, n_latent, lambda_latent):
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints: backbone in the stock format + tokenizer + image processor + head + PCA basis + gap.json
 
-def save_checkpoint(gap, tokenizer, image_processor, out_dir, gap_config: dict, basis=None):
+def save_checkpoint(gap, tokenizer, image_processor, out_dir, gap_config: dict, basis=None, train_state=None):
     """Write a complete checkpoint directory atomically: everything goes to DIR.tmp, which then replaces DIR,
     so a crash mid-save never damages the previous checkpoint. The backbone directory loads in the stock
     Qwen2_5_VLForConditionalGeneration; infer.py loads the whole of it with load_checkpoint()."""
@@ -354,6 +354,8 @@ def save_checkpoint(gap, tokenizer, image_processor, out_dir, gap_config: dict, 
     save_file(head_state, os.path.join(tmp, "latent_head.safetensors"))
     if basis is not None:
         pca_lib.save(os.path.join(tmp, "pca.safetensors"), basis)
+    if train_state is not None:  # optimizer, scheduler, step and RNG states for --resume
+        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
     config = dict(gap_config, latent_tokens=gap.latent_tokens, latent_head=gap.head.kind,
                   latent_token_ids=dict(start=gap.start_id, pad=gap.pad_id, end=gap.end_id))
     atomic_write_text(os.path.join(tmp, "gap.json"), json.dumps(config, indent=2) + "\n")

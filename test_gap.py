@@ -496,3 +496,33 @@ def test_scheduled_sampling_feeds_predicted_latents(world, gap):
     expected = float((v2 - b["latent_targets"]).pow(2).mean(-1).sum())
     assert abs(float(ss["latent_sum"]) - expected) < 1e-5
     assert abs(float(ss["latent_sum"]) - float(tf["latent_sum"])) > 1e-4
+
+
+def test_resume_continues_exactly(world, tmp_path, monkeypatch):
+    """6 steps straight == 2 steps, a crash right after the step-2 checkpoint, then --resume for 4 more:
+    the same losses (model, optimizer, scheduler, data position and RNG all restored)."""
+    import dataclasses
+    import train
+    cfg = train.TrainConfig(model=world["model"], data=world["data"], target_cache=str(world["root"] / "cache"),
+                            latent_tokens=K, global_batch=4, epochs=2, lr=1e-3, head_lr=1e-3, adapter_dim=16,
+                            save_every=2, out_dir=str(tmp_path / "straight"))
+    straight = train.main(cfg)
+    assert len(straight) == 6
+
+    class Crash(Exception):
+        pass
+
+    real_save = train.save_checkpoint
+
+    def save_then_crash(*args, **kw):
+        real_save(*args, **kw)
+        raise Crash
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "resumed"))
+    with pytest.raises(Crash):
+        train.main(cfg)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    resumed = train.main(dataclasses.replace(cfg, resume=True))
+    assert resumed == straight[2:]
+    assert json.load(open(tmp_path / "resumed" / "gap.json"))["step"] == 6

@@ -58,6 +58,7 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm (0: off)"})
     seed: int = field(default=12345, metadata={"help": "data order and init seed"})
     save_every: int = field(default=0, metadata={"help": "also checkpoint every N steps (0: only at the end)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in out_dir"})
     skip_bad: bool = field(default=False, metadata={"help": "skip and count bad examples instead of stopping"})
 
 
@@ -90,8 +91,12 @@ def fit_basis(cache: TargetCache, var, rank, world):
 
 
 def build(cfg: TrainConfig, device, rank=0, world=1):
-    """Backbone + latent vocabulary + head + data set. Returns (gap, tokenizer, image_processor, dataset, basis)."""
-    backbone, tokenizer, image_processor = load_backbone(cfg.model, device, torch.float32)
+    """Backbone + latent vocabulary + head + data set. Returns (gap, tokenizer, image_processor, dataset, basis).
+    With --resume the backbone, tokenizer, head and basis come from the checkpoint in out_dir."""
+    ckpt = cfg.out_dir if cfg.resume else None
+    if ckpt and not os.path.exists(os.path.join(ckpt, "train_state.pt")):
+        raise FileNotFoundError(f"--resume: no checkpoint with train_state.pt in {ckpt}")
+    backbone, tokenizer, image_processor = load_backbone(ckpt or cfg.model, device, torch.float32)
     ids = add_latent_tokens(backbone, tokenizer)
     backbone.model.visual.requires_grad_(cfg.train_vision)
     if cfg.grad_ckpt:
@@ -100,7 +105,9 @@ def build(cfg: TrainConfig, device, rank=0, world=1):
     cache = TargetCache(cfg.target_cache, cfg.latent_tokens) if cfg.latent_tokens else None
     dataset = GAPDataset(cfg.data, tokenizer, image_processor, ids, spec, cache, cfg.skip_bad)
     basis = None
-    if cfg.latent_tokens:
+    if ckpt and os.path.exists(os.path.join(ckpt, "pca.safetensors")):
+        basis = pca_lib.load(os.path.join(ckpt, "pca.safetensors"))
+    elif cfg.latent_tokens:
         basis = pca_lib.load(cfg.pca_path) if cfg.pca_path else (fit_basis(cache, cfg.pca_var, rank, world)
                                                                   if cache.where else None)
         if basis is None and cfg.latent_head == "pca":
@@ -108,6 +115,9 @@ def build(cfg: TrainConfig, device, rank=0, world=1):
     # K = 0 (dense-caption control) never calls the head: a parameter-free one keeps the code path the same
     kind = cfg.latent_head if cfg.latent_tokens else "hidden"
     head = LatentHead(kind, backbone.config.text_config.hidden_size, basis=basis, adapter_dim=cfg.adapter_dim)
+    if ckpt:
+        from safetensors.torch import load_file
+        head.load_state_dict(load_file(os.path.join(ckpt, "latent_head.safetensors")))
     return GAP(backbone, head.to(device), ids, cfg.latent_tokens), tokenizer, image_processor, dataset, basis
 
 
@@ -193,7 +203,17 @@ def main(cfg: TrainConfig):
               f"K={cfg.latent_tokens}, head={gap.head.kind}" + (f" k={basis['k']}" if basis else "") +
               f", attention={gap.backbone.config._attn_implementation}")
     gap_config = dict(dataclasses.asdict(cfg), **dataclasses.asdict(dataset.spec))
-    skipped, step, bar = 0, 0, tqdm(total=total, disable=rank != 0, desc="train")
+    step = 0
+    if cfg.resume:  # data order is a function of (seed, epoch), so the step number is the data position
+        state = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        random.setstate(state["rng_python"])
+        step = state["step"]
+        if rank == 0:
+            print(f"resumed from {cfg.out_dir} at step {step}")
+    skipped, losses, bar = 0, [], tqdm(total=total, initial=step, disable=rank != 0, desc="train")
     gap.train()
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
@@ -210,16 +230,21 @@ def main(cfg: TrainConfig):
         opt.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
+        losses.append((lm_sum / max(n_lm, 1), latent_sum / max(n_latent, 1)))
         bar.set_postfix(loss_lm=f"{lm_sum / max(n_lm, 1):.4f}", loss_latent=f"{latent_sum / max(n_latent, 1):.4f}",
                         lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{n_tokens / (time.time() - t0):.0f}")
         if rank == 0 and ((cfg.save_every and step % cfg.save_every == 0) or step == total):
-            save_checkpoint(gap, tokenizer, image_processor, cfg.out_dir, dict(gap_config, step=step), basis)
+            train_state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step,
+                               rng_cpu=torch.get_rng_state(), rng_python=random.getstate())
+            save_checkpoint(gap, tokenizer, image_processor, cfg.out_dir, dict(gap_config, step=step), basis,
+                            train_state)
     bar.close()
     if rank == 0:
         print(f"done: {step} steps, {skipped} bad examples skipped, checkpoint -> {cfg.out_dir}")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    return losses
 
 
 if __name__ == "__main__":
