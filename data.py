@@ -38,9 +38,10 @@ REQUIRED = {"id": (str, int), "image": (str,), "question": (str,), "response": (
 OPTIONAL = {"aux_image": (str,), "answer": (str, int, float), "accuracy": (int, float)}
 
 
-def read_jsonl(path, skip_bad=False, need_response=True):
-    """Parse and check every line. Returns (rows, n_skipped); each row gets `_line` (1-based) and `_file`.
-    A malformed line raises DataError naming file, line and field, unless skip_bad (then it is counted)."""
+def read_jsonl(path, skip_bad=False, need_response=True, need_answer=False):
+    """Parse and check every line. Returns (rows, n_skipped); each row gets `_line` (1-based), `_file` and
+    `_raw` (the line's own object, as written). A malformed line raises DataError naming file, line and
+    field, unless skip_bad (then it is counted)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: data file not found")
     rows, seen, skipped = [], {}, 0
@@ -49,7 +50,7 @@ def read_jsonl(path, skip_bad=False, need_response=True):
             if not line.strip():
                 continue
             try:
-                rows.append(check_row(path, line_no, line, seen, need_response))
+                rows.append(check_row(path, line_no, line, seen, need_response, need_answer))
             except DataError as e:
                 if not skip_bad:
                     raise
@@ -58,13 +59,16 @@ def read_jsonl(path, skip_bad=False, need_response=True):
     return rows, skipped
 
 
-def check_row(path, line_no, line, seen, need_response=True):
+def check_row(path, line_no, line, seen, need_response=True, need_answer=False):
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(path, line_no, "<json>", f"malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(row, dict):
         raise DataError(path, line_no, "<json>", f"expected an object, got {type(row).__name__}")
+    if need_answer and not str(row.get("answer", "")).strip():
+        raise DataError(path, line_no, "answer", "missing or empty: scoring needs the ground truth")
+    raw = dict(row)
     required = REQUIRED if need_response else {k: v for k, v in REQUIRED.items() if k != "response"}
     for key, types in list(required.items()) + list(OPTIONAL.items()):
         if key not in row:
@@ -85,7 +89,7 @@ def check_row(path, line_no, line, seen, need_response=True):
         raise DataError(path, line_no, "response", f"{n_placeholders} '{PLACEHOLDER}' placeholders; GAP has one")
     if n_placeholders and "aux_image" not in row:
         raise DataError(path, line_no, "aux_image", f"missing, but the response has a '{PLACEHOLDER}' placeholder")
-    row["_line"], row["_file"] = line_no, path
+    row["_line"], row["_file"], row["_raw"] = line_no, path, raw
     return row
 
 

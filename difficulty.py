@@ -36,7 +36,7 @@ from dataclasses import field
 import torch
 import torch.distributed as dist
 
-from data import PLACEHOLDER, DataError, DataSpec, check_row, collate, encode_prompt, open_image
+from data import PLACEHOLDER, DataError, DataSpec, collate, encode_prompt, open_image, read_jsonl
 from latent_head import LatentHead
 from model import GAP, add_latent_tokens, atomic_write_text, load_backbone, parse_config
 from train import setup_distributed
@@ -276,30 +276,6 @@ SAMPLING_KEYS = ("model", "data", "samples", "temperature", "top_p", "max_new_to
                  "image_min_pixels", "image_max_pixels", "responses")
 
 
-def read_examples(path, skip_bad=False):
-    """data.check_row on every line, plus a non-empty `answer`. Returns (rows, n_bad); each row also keeps
-    `_raw`, the line's own JSON object, which is what goes to the output (ids and types as written)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: data file not found")
-    rows, seen, bad = [], {}, 0
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = check_row(path, line_no, line, seen, need_response=False)
-                if not str(row.get("answer", "")).strip():
-                    raise DataError(path, line_no, "answer", "missing or empty: difficulty needs the ground truth")
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                bad += 1
-                print(f"skipping bad example: {e}")
-                continue
-            rows.append(dict(row, _raw=json.loads(line)))
-    return rows, bad
-
-
 def load_scorer(path, device=None):
     """The base model as a GAP with no latents: K = 0 and a parameter-free head, so generate() is plain
     sampling with <|latent_start|> banned. The latent ids are added only so that they exist; with room in the
@@ -420,7 +396,7 @@ def main(cfg: DifficultyConfig):
     # a gloo group with a long timeout for the barriers: ranks may finish hours apart
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7)) if world > 1 else None
     barrier = (lambda: dist.barrier(group=group)) if world > 1 else (lambda: None)  # noqa: E731
-    rows, bad_lines = read_examples(cfg.data, cfg.skip_bad)
+    rows, bad_lines = read_jsonl(cfg.data, cfg.skip_bad, need_response=False, need_answer=True)
     pattern, config_path, summary_path = output_paths(cfg.out)
     run_config = {k: getattr(cfg, k) for k in SAMPLING_KEYS}
     if os.path.exists(config_path):

@@ -82,6 +82,7 @@ def run_batch(cfg: InferConfig, runner: Runner):
         with open(out, "w") as f:  # drop a partial last line, keep the complete ones
             f.writelines(json.dumps(r) + "\n" for r in done.values())
     todo = [r for r in rows if r["id"] not in done]
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "a") as f:
         for i in tqdm(range(0, len(todo), cfg.batch_size), desc=f"infer[{cfg.latent_mode}]", unit="batch"):
             items, batch_rows = [], []

@@ -207,6 +207,7 @@ class GAP(nn.Module):
         v_hat = self.head(h_prev[slot_next])  # (N_slots, D) fp32; called even when empty so DDP sees the head
         if latent_targets is None:
             latent_targets = v_hat.new_zeros(0, v_hat.shape[-1])
+        # GAP_SPEC's MSE: mean over the d dims per slot (paper eq. 2 sums them: the same loss divided by d)
         latent_sum = (v_hat - latent_targets.float()).pow(2).mean(-1).sum()
         return dict(lm_sum=lm_sum, n_lm=supervised.sum(), latent_sum=latent_sum, n_latent=slot_next.sum())
 

@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 
-from data import DataError, DataSpec, collate, encode_prompt, open_image
+from data import DataError, DataSpec, collate, encode_prompt, open_image, read_jsonl
 from difficulty import (DifficultyConfig, answers_match, extract_answer, load_scorer, main, normalize_answer,
-                        parse_options, read_examples)
+                        parse_options)
 from model import load_backbone, parse_config
 from tiny import build_tiny, write_sample_data
 
@@ -215,7 +215,7 @@ def reference(tiny):
 
 def batch_of(tiny, scorer, indices):
     g, tokenizer, image_processor = scorer
-    rows, _ = read_examples(tiny["data"])
+    rows, _ = read_jsonl(tiny["data"], need_response=False, need_answer=True)
     items = [encode_prompt(tokenizer, image_processor, open_image(rows[i], "image"), rows[i]["question"],
                            DataSpec(latent_tokens=0), rows[i]["id"]) for i in indices]
     b = collate(items, tokenizer.pad_token_id, left=True)

@@ -348,6 +348,9 @@ micro, _ = load_micro_batches(ds, idx, cfg.micro_batch, tok.pad_token_id, False)
 train_step(model, micro, cfg, device, world)
 if rank == 0:
     torch.save({n: p.grad for n, p in g.named_parameters() if p.grad is not None}, sys.argv[4])
+if world > 1:  # exiting with a live gloo group can abort the process
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
@@ -358,8 +361,15 @@ def test_ddp_two_processes_equal_one_process(world, tmp_path):
     pca_lib.save(str(tmp_path / "pca.safetensors"), world["basis"])  # one basis for both runs
     args = [world["model"], world["data"], str(world["root"] / "cache")]
     run([sys.executable, str(script), *args, str(tmp_path / "one.pt"), "2", str(tmp_path / "pca.safetensors")])
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), *args, str(tmp_path / "two.pt"), "1", str(tmp_path / "pca.safetensors")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), *args, str(tmp_path / "two.pt"), "1", str(tmp_path / "pca.safetensors")]
+    for attempt in range(3):
+        # About 1 launch in 5 on the 2-core CI box, a gloo rank aborts in C++ teardown ("terminate called without
+        # an active exception", SIGABRT) even after barrier + destroy_process_group; only that case is relaunched.
+        p = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
+        if p.returncode == 0 or "terminate called without an active exception" not in p.stderr + p.stdout:
+            break
+    assert p.returncode == 0, f"torchrun failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one.keys() == two.keys() and any(k.startswith("head.") for k in one)
     for name in one:  # per-tensor relative error: entries that cancel to ~0 differ by summation order only

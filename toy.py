@@ -1,0 +1,413 @@
+"""The toy world: a seeded synthetic visual task in the GAP data format, where the auxiliary image carries the
+evidence the answer needs, and one command that runs the whole GAP pipeline on a CPU (paper section 4 and the
+latent interventions of section 5.4 / table 6) and reports whether the latents carry signal.
+Status: the pipeline runs end to end, but in its measured runs the trained model did not open latent spans on
+the test split, so model / zero / noise tie: this world does not yet show latent signal.
+
+    python toy.py                 # default world (4 to 6 min measured on 2 CPU cores) -> out/toy/results.json + .png
+    python toy.py --quick         # the same pipeline at smoke-test size, under a minute (test_toy.py runs it)
+
+Stages (each with a progress bar): world (JSONL + PNGs, train/val/test) -> tokenizer + tiny Qwen2.5-VL ->
+base model (trained text-only, K=0, random vision tower kept frozen, standing in for the pretrained base) -> latent
+targets from the frozen base vision tower (data.extract_targets) -> PCA basis (pca.py) -> difficulty (N sampled
+answers of the base per training example -> `accuracy`) -> from the base: GAP (pca head, difficulty-aware),
+the dense-caption control (K=0, same data) and the output-as-input variant (`hidden` head) -> evaluation on the
+test split (infer.run_batch) with latent_mode model / zero / noise -> table, results.json, PNG plot.
+
+Task families (query image, question, answer; the auxiliary image makes the missing evidence explicit):
+  count    "How many red circles are there?"                  aux: only the circles of the asked colour
+  relation "Is the red square left of the blue square?"       aux: only the two named squares
+  pattern  "Each row has one colour. What colour is missing?" aux: the completed grid
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import field
+
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (225, 195, 20),
+          "purple": (150, 50, 190)}
+FAMILIES = ("count", "relation", "pattern")
+MODES = ("base", "model", "zero", "noise", "dense_caption", "hidden")
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    """Generate the toy world and run the whole GAP pipeline on it (base -> targets -> PCA -> difficulty ->
+    GAP / dense caption / hidden -> evaluation with model, zero and noise latents)."""
+    out: str = field(default="out/toy", metadata={"help": "output directory (data, checkpoints, results)"})
+    quick: bool = field(default=False, metadata={"help": "smoke-test sizes (overrides the size fields below)"})
+    seed: int = field(default=0, metadata={"help": "world, weights and training seed"})
+    families: str = field(default="count,relation,pattern", metadata={"help": "comma-separated task families"})
+    n_train: int = field(default=3000, metadata={"help": "training examples (split evenly over families)"})
+    n_val: int = field(default=150, metadata={"help": "validation examples"})
+    n_test: int = field(default=600, metadata={"help": "test examples (>= 500 for the two-stderr claim)"})
+    image_size: int = field(default=56, metadata={"help": "query image side in px (56: 2x2 merged vision tokens)"})
+    hidden: int = field(default=64, metadata={"help": "decoder width d of the tiny Qwen2.5-VL"})
+    layers: int = field(default=2, metadata={"help": "decoder layers of the tiny Qwen2.5-VL"})
+    latent_tokens: int = field(default=4, metadata={"help": "K latents per span (a perfect square)"})
+    pca_var: float = field(default=0.95, metadata={"help": "explained variance that sets k"})
+    base_epochs: int = field(default=6, metadata={"help": "epochs of the text-only base stage"})
+    epochs: int = field(default=6, metadata={"help": "epochs of each fine-tuning stage (GAP, dense, hidden)"})
+    batch: int = field(default=32, metadata={"help": "global batch (one micro-batch) of every training stage"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate of the base stage"})
+    ft_lr: float = field(default=1e-3, metadata={"help": "peak learning rate (backbone and head) of fine-tuning"})
+    # measured: training the tower at the base lr collapsed its output to a near-constant vector (std across
+    # images 0.008 vs mean |v| 0.58), so the base keeps the random tower, whose features do vary (0.015 vs 0.020)
+    base_train_vision: bool = field(default=False, metadata={"help": "also train the vision tower in the base stage"})
+    samples: int = field(default=8, metadata={"help": "N sampled base answers per example (difficulty)"})
+    difficulty_temperature: float = field(default=1.0, metadata={"help": "sampling temperature for difficulty"})
+    difficulty_tau: float = field(default=0.0, metadata={"help": "latent supervision where accuracy <= tau"})
+    max_new_tokens: int = field(default=64, metadata={"help": "generated tokens per answer, latents included"})
+    eval_batch: int = field(default=64, metadata={"help": "prompts per generation batch"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+
+
+QUICK = dict(n_train=96, n_val=12, n_test=48, base_epochs=2, epochs=2, batch=16, samples=2, max_new_tokens=48)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the world: three task families, each a query image, a question, an answer and an auxiliary image
+
+def _cells(rng, n, grid):
+    return rng.sample([(r, c) for r in range(grid) for c in range(grid)], n)
+
+
+def _canvas(size):
+    return Image.new("RGB", (size, size), "white")
+
+
+def make_count(rng, size):
+    """Circles of several colours; count those of one colour. Aux: only that colour's circles."""
+    grid, cell = 6, size / 6
+    color, *others = rng.sample(sorted(COLORS), 3)
+    counts = [rng.randint(0, 4)] + [rng.randint(1, 4) for _ in others]
+    query, aux = _canvas(size), _canvas(size)
+    r = max(2, round(cell * 0.35))
+    for (row, col), c in zip(_cells(rng, sum(counts), grid),
+                             [x for x, n in zip([color] + others, counts) for _ in range(n)]):
+        x, y = (col + 0.5) * cell, (row + 0.5) * cell
+        for img in ([query, aux] if c == color else [query]):
+            ImageDraw.Draw(img).ellipse([x - r, y - r, x + r, y + r], fill=COLORS[c])
+    n = counts[0]
+    return dict(question=f"How many {color} circles are there?", answer=str(n),
+                response=f"<think>Keep only the {color} circles. <latent> <parser>only the {color} circles remain: "
+                         f"{n}.</parser></think><answer>{n}</answer>"), query, aux
+
+
+def make_relation(rng, size):
+    """Squares of distinct colours; is the first named one left of / above the second? Aux: only those two."""
+    grid, cell = 6, size / 6
+    a, b, *others = rng.sample(sorted(COLORS), 2 + rng.randint(1, 3))
+    axis = rng.choice(["left of", "above"])
+    while True:  # the two named squares at least two cells apart on the asked axis
+        cells = _cells(rng, 2 + len(others), grid)
+        k = 1 if axis == "left of" else 0
+        if abs(cells[0][k] - cells[1][k]) >= 2:
+            break
+    query, aux = _canvas(size), _canvas(size)
+    h = max(2, round(cell * 0.4))
+    for i, ((row, col), c) in enumerate(zip(cells, [a, b] + others)):
+        x, y = (col + 0.5) * cell, (row + 0.5) * cell
+        for img in ([query, aux] if i < 2 else [query]):
+            ImageDraw.Draw(img).rectangle([x - h, y - h, x + h, y + h], fill=COLORS[c])
+    k = 1 if axis == "left of" else 0
+    yes = cells[0][k] < cells[1][k]
+    where = {("left of", True): "left of", ("left of", False): "right of", ("above", True): "above",
+             ("above", False): "below"}[axis, yes]
+    return dict(question=f"Is the {a} square {axis} the {b} square?", answer="yes" if yes else "no",
+                response=f"<think>Keep only the {a} and {b} squares. <latent> <parser>the {a} square is {where} the "
+                         f"{b} square.</parser></think><answer>{'yes' if yes else 'no'}</answer>"), query, aux
+
+
+def make_pattern(rng, size):
+    """A 3x3 grid whose rows (or columns) each have one colour, one piece missing; name the missing colour.
+    Aux: the completed grid."""
+    rule = rng.choice(["row", "column"])
+    line_colors = [rng.choice(sorted(COLORS)) for _ in range(3)]
+    missing = (rng.randrange(3), rng.randrange(3))
+    shapes = [[rng.choice(["circle", "square"]) for _ in range(3)] for _ in range(3)]
+    cell, pad = (size - 2) / 3, 1
+    query, aux = _canvas(size), _canvas(size)
+    for r in range(3):
+        for c in range(3):
+            color = COLORS[line_colors[r if rule == "row" else c]]
+            box = [pad + c * cell + 2, pad + r * cell + 2, pad + (c + 1) * cell - 2, pad + (r + 1) * cell - 2]
+            draw = ImageDraw.Draw
+            for img in ([aux] if (r, c) == missing else [query, aux]):
+                (draw(img).ellipse if shapes[r][c] == "circle" else draw(img).rectangle)(box, fill=color)
+            if (r, c) == missing:
+                draw(query).rectangle(box, outline=(0, 0, 0))
+    answer = line_colors[missing[0] if rule == "row" else missing[1]]
+    return dict(question=f"Each {rule} has one colour. What colour is the missing piece?", answer=answer,
+                response=f"<think>Fill in the missing piece. <latent> <parser>the completed grid: the missing piece "
+                         f"is {answer}.</parser></think><answer>{answer}</answer>"), query, aux
+
+
+MAKERS = dict(count=make_count, relation=make_relation, pattern=make_pattern)
+
+
+def image_key(img):
+    return hashlib.sha1(img.tobytes()).hexdigest()
+
+
+def write_world(out_dir, n_train, n_val, n_test, seed=0, size=56, families=FAMILIES):
+    """Write {train,val,test}.jsonl + img/ under out_dir. Examples cycle through the families; an
+    (image, question) pair seen before is redrawn, so no pair repeats within or across splits.
+    Returns {split: jsonl path}."""
+    from tqdm import tqdm
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out_dir, "img"), exist_ok=True)
+    seen, paths, i = set(), {}, 0
+    bar = tqdm(total=n_train + n_val + n_test, desc="world", unit="ex")
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        rows = []
+        while len(rows) < n:
+            fam = families[i % len(families)]
+            ex, query, aux = MAKERS[fam](rng, size)
+            key = (image_key(query), ex["question"])
+            if key in seen:
+                continue
+            seen.add(key)
+            ex_id = f"{fam}-{i:06d}"
+            query.save(os.path.join(out_dir, "img", f"{ex_id}.png"))
+            aux.save(os.path.join(out_dir, "img", f"{ex_id}_aux.png"))
+            rows.append(dict(id=ex_id, image=f"img/{ex_id}.png", question=ex["question"], response=ex["response"],
+                             aux_image=f"img/{ex_id}_aux.png", answer=ex["answer"], family=fam))
+            i += 1
+            bar.update(1)
+        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
+        with open(paths[split], "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    bar.close()
+    return paths
+
+
+def check_world(paths):
+    """No (query image, question) pair in two splits; every image exists. Raises with what repeats."""
+    owner = {}
+    for split, path in paths.items():
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                base = os.path.dirname(os.path.abspath(path))
+                for key in ("image", "aux_image"):
+                    if not os.path.exists(os.path.join(base, r[key])):
+                        raise FileNotFoundError(f"{path}: {r['id']}: {key} {r[key]} missing")
+                with Image.open(os.path.join(base, r["image"])) as im:
+                    key = (image_key(im.convert("RGB")), r["question"])
+                if key in owner:
+                    raise ValueError(f"{split}/{r['id']} repeats {owner[key]} (same image and question)")
+                owner[key] = f"{split}/{r['id']}"
+    return len(owner)
+
+
+def corpus(paths):
+    """Texts the offline tokenizer is trained on: every question and response of the world, the chat scaffold."""
+    import tiny
+    texts = []
+    for path in paths.values():
+        with open(path) as f:
+            texts += [t for line in f for t in (json.loads(line)["question"], json.loads(line)["response"])]
+    return texts + tiny.corpus_texts()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pipeline stages, each through the project's own entry points
+
+def train_stage(cfg, name, model, data, **kw):
+    import train
+    tc = train.TrainConfig(model=model, data=data, out_dir=os.path.join(cfg.out, name), global_batch=cfg.batch,
+                           micro_batch=cfg.batch, seed=cfg.seed, **kw)
+    print(f"== train {name}: {kw}")
+    train.main(tc)
+    return tc.out_dir
+
+
+def difficulty(cfg, ckpt, data, out_path):
+    """accuracy = fraction of N sampled base answers (image + question only) that match `answer`."""
+    import torch
+    from tqdm import tqdm
+    from data import collate, encode_prompt, open_image, read_jsonl, DataSpec
+    from difficulty import answers_match, extract_answer
+    from model import load_checkpoint
+    gap, tok, proc, _ = load_checkpoint(ckpt)
+    rows, _ = read_jsonl(data)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    spec = DataSpec(latent_tokens=0)
+    bs = max(1, cfg.eval_batch // cfg.samples)
+    out = []
+    for i in tqdm(range(0, len(rows), bs), desc=f"difficulty[N={cfg.samples}]", unit="batch"):
+        chunk = rows[i:i + bs]
+        batch = collate([encode_prompt(tok, proc, open_image(r, "image"), r["question"], spec, r["id"])
+                         for r in chunk], tok.pad_token_id, left=True)
+        toks = gap.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                            batch["image_grid_thw"], max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.difficulty_temperature, num_samples=cfg.samples, stop_ids=stop,
+                            generator=gen)["tokens"]
+        for b, r in enumerate(chunk):
+            preds = [extract_answer(gap.decode(tok, toks[b * cfg.samples + j])) for j in range(cfg.samples)]
+            acc = sum(answers_match(p, r["answer"], r["question"]) for p in preds) / cfg.samples
+            out.append({k: v for k, v in r.items() if not k.startswith("_")} | dict(accuracy=acc))
+    with open(out_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in out)
+    return out
+
+
+def evaluate(cfg, ckpt, mode, test_path):
+    """infer.run_batch on the test split; returns (summary, per-example results)."""
+    import infer
+    out = os.path.join(cfg.out, "eval", f"{os.path.basename(ckpt)}_{mode}.jsonl")
+    if os.path.exists(out):
+        os.remove(out)  # a fresh measurement, not a resume of an older run
+    ic = infer.InferConfig(ckpt=ckpt, data=test_path, out=out, latent_mode=mode, max_new_tokens=cfg.max_new_tokens,
+                           batch_size=cfg.eval_batch, seed=cfg.seed)
+    summary = infer.run_batch(ic, infer.Runner(ic))
+    with open(out) as f:
+        return summary, [json.loads(line) for line in f]
+
+
+def latent_norms(cfg, ckpt, test_path, n=64):
+    """Mean L2 norms at inference on n test prompts: the query-image vision embeddings, and the K latents the
+    model feeds back. Each prompt is ended with <|latent_start|> so every row enters the latent loop (a row
+    that would not choose a latent span on its own still measures the head)."""
+    import torch
+    import infer
+    from data import collate, open_image, read_jsonl
+    runner = infer.Runner(infer.InferConfig(ckpt=ckpt, seed=cfg.seed))
+    gap, tok = runner.gap, runner.tokenizer
+    rows = read_jsonl(test_path, need_response=False)[0][:n]
+    batch = collate([runner.encode(open_image(r, "image"), r["question"], r["id"]) for r in rows], tok.pad_token_id,
+                    left=True)
+    ids = torch.cat([batch["input_ids"], torch.full((len(rows), 1), gap.start_id)], 1)  # (B, T+1)
+    mask = torch.cat([batch["attention_mask"], torch.ones(len(rows), 1, dtype=torch.long)], 1)
+    out = gap.generate(ids, mask, batch["pixel_values"], batch["image_grid_thw"], max_new_tokens=gap.latent_tokens + 1,
+                       trace=True)
+    vision = gap.image_features(batch["pixel_values"], batch["image_grid_thw"]).norm(dim=-1).mean().item()
+    is_latent = out["tokens"][:, :out["embeds"].shape[1]] == gap.pad_id  # (B, S): embeds fed at latent steps
+    if int(is_latent.sum()) != len(rows) * gap.latent_tokens:
+        raise RuntimeError(f"expected {len(rows)} x {gap.latent_tokens} latents, got {int(is_latent.sum())}")
+    return vision, out["embeds"][is_latent].norm(dim=-1).mean().item()
+
+
+def plot(results, path):
+    """Bar chart of accuracy +- 2 stderr per variant, written with PIL (no matplotlib)."""
+    W, H, left, bottom, top = 560, 300, 40, 40, 30
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 8), f"toy world: test accuracy +- 2 stderr (n={results['n_test']})", fill="black")
+    ph = H - bottom - top
+    d.line([left, top, left, H - bottom, W - 10, H - bottom], fill="black")
+    for t in (0, 0.25, 0.5, 0.75, 1.0):
+        y = H - bottom - t * ph
+        d.line([left - 4, y, left, y], fill="black")
+        d.text((4, y - 6), f"{t:.2f}", fill="black")
+    bw = (W - left - 20) / len(MODES)
+    fills = dict(base=(150, 150, 150), model=(40, 120, 200), zero=(230, 150, 40), noise=(200, 60, 60),
+                 dense_caption=(120, 170, 90), hidden=(150, 100, 180))
+    for i, m in enumerate(MODES):
+        a, s = results["accuracy"][m], results["stderr"][m]
+        x0 = left + 10 + i * bw
+        d.rectangle([x0, H - bottom - a * ph, x0 + bw - 20, H - bottom], fill=fills[m])
+        xc = x0 + (bw - 20) / 2
+        d.line([xc, H - bottom - min(1, a + 2 * s) * ph, xc, H - bottom - max(0, a - 2 * s) * ph], fill="black")
+        d.text((x0, H - bottom + 6), m, fill="black")
+        d.text((x0, H - bottom - a * ph - 14), f"{a:.3f}", fill="black")
+    img.save(path)
+
+
+def run(cfg: ToyConfig):
+    import torch
+    import pca as pca_lib
+    from data import TargetsConfig, TargetCache, extract_targets
+    from model import atomic_write_text
+    from train import fit_basis
+    import tiny
+    if cfg.quick:
+        cfg = dataclasses.replace(cfg, **QUICK)
+    torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    families = tuple(f for f in cfg.families.split(",") if f)
+    for f in families:
+        if f not in MAKERS:
+            raise ValueError(f"unknown family {f!r}; expected some of {FAMILIES}")
+    for sub in ("data", "cache", "eval", "tiny", "base", "gap", "dense_caption", "hidden"):
+        shutil.rmtree(os.path.join(cfg.out, sub), ignore_errors=True)
+    os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
+    paths = write_world(os.path.join(cfg.out, "data"), cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed,
+                        cfg.image_size, families)
+    n_unique = check_world(paths)
+    print(f"world: {n_unique} unique (image, question) pairs over train/val/test -> {cfg.out}/data")
+    tiny_dir = tiny.build_tiny(os.path.join(cfg.out, "tiny"), cfg.hidden, cfg.layers, seed=cfg.seed,
+                               texts=corpus(paths))
+    base = train_stage(cfg, "base", tiny_dir, paths["train"], latent_tokens=0, train_vision=cfg.base_train_vision,
+                       epochs=cfg.base_epochs, lr=cfg.lr, head_lr=cfg.lr)
+    K = cfg.latent_tokens
+    cache_dir = os.path.join(cfg.out, "cache")
+    extract_targets(TargetsConfig(model=base, data=paths["train"], latent_tokens=K, cache_dir=cache_dir,
+                                  batch_size=64))
+    basis = fit_basis(TargetCache(cache_dir, K), cfg.pca_var, 0, 1)
+    pca_path = os.path.join(cfg.out, "cache", "pca.safetensors")
+    pca_lib.save(pca_path, basis)
+    print(f"PCA: k={basis['k']} of d={basis['P'].shape[0]}, var={basis['var']}, rel_mse={basis['rel_mse']:.4f}")
+    scored_path = os.path.join(cfg.out, "data", "train.scored.jsonl")
+    scored = difficulty(cfg, base, paths["train"], scored_path)
+    n_latent = sum(r["accuracy"] <= cfg.difficulty_tau for r in scored)
+    print(f"difficulty: {n_latent}/{len(scored)} training examples get latent supervision (tau={cfg.difficulty_tau})")
+    ft = dict(epochs=cfg.epochs, lr=cfg.ft_lr, head_lr=cfg.ft_lr, difficulty_tau=cfg.difficulty_tau,
+              target_cache=cache_dir)
+    ckpts = dict(base=base,
+                 gap=train_stage(cfg, "gap", base, scored_path, latent_tokens=K, latent_head="pca", pca_path=pca_path,
+                                 **ft),
+                 dense_caption=train_stage(cfg, "dense_caption", base, scored_path, latent_tokens=0, **ft),
+                 hidden=train_stage(cfg, "hidden", base, scored_path, latent_tokens=K, latent_head="hidden",
+                                    pca_path=pca_path, **ft))
+    runs = dict(base=(ckpts["base"], "model"), model=(ckpts["gap"], "model"), zero=(ckpts["gap"], "zero"),
+                noise=(ckpts["gap"], "noise"), dense_caption=(ckpts["dense_caption"], "model"),
+                hidden=(ckpts["hidden"], "model"))
+    acc, err, per_family, latent_used = {}, {}, {}, {}
+    fam_of = {}
+    with open(paths["test"]) as f:
+        for line in f:
+            r = json.loads(line)
+            fam_of[r["id"]] = r["family"]
+    for name, (ckpt, mode) in runs.items():
+        summary, res = evaluate(cfg, ckpt, mode, paths["test"])
+        acc[name], err[name] = summary["accuracy"], summary["stderr"]
+        per_family[name] = {f: sum(r["correct"] for r in res if fam_of[r["id"]] == f) /
+                            max(1, sum(fam_of[r["id"]] == f for r in res)) for f in families}
+        latent_used[name] = sum("<latent>" in r["response"] for r in res) / max(1, len(res))
+    vision, latent_pca = latent_norms(cfg, ckpts["gap"], paths["test"])
+    _, latent_hidden = latent_norms(cfg, ckpts["hidden"], paths["test"])
+    n_test = len(fam_of)
+    results = dict(n_test=n_test, accuracy=acc, stderr=err,
+                   pca=dict(k=basis["k"], var=basis["var"], rel_mse=basis["rel_mse"]),
+                   norms=dict(vision_embed=vision, latent_pca=latent_pca, latent_hidden=latent_hidden),
+                   per_family=per_family, latent_rate=latent_used,
+                   difficulty=dict(n_train=len(scored), n_latent=n_latent, tau=cfg.difficulty_tau, samples=cfg.samples),
+                   gaps_in_stderr={m: (acc["model"] - acc[m]) / max(1e-12, math.hypot(err["model"], err[m]))
+                                   for m in ("zero", "noise", "dense_caption", "hidden", "base")},
+                   config=dataclasses.asdict(cfg), wall_s=round(time.time() - t0, 1))
+    atomic_write_text(os.path.join(cfg.out, "results.json"), json.dumps(results, indent=2) + "\n")
+    plot(results, os.path.join(cfg.out, "results.png"))
+    print(f"\n{'variant':<14}{'accuracy':>10}{'stderr':>9}{'latent%':>9}  " + "  ".join(f"{f:>8}" for f in families))
+    for m in MODES:
+        print(f"{m:<14}{acc[m]:>10.4f}{err[m]:>9.4f}{100 * latent_used[m]:>8.0f}%  " +
+              "  ".join(f"{per_family[m][f]:>8.3f}" for f in families))
+    print(f"model - zero = {results['gaps_in_stderr']['zero']:.1f} stderr, model - noise = "
+          f"{results['gaps_in_stderr']['noise']:.1f} stderr  (n_test={n_test})")
+    print(f"norms: vision {vision:.3f}, latent pca {latent_pca:.3f}, latent hidden {latent_hidden:.3f}; "
+          f"PCA k={basis['k']} rel_mse={basis['rel_mse']:.4f}; {results['wall_s']:.0f} s -> {cfg.out}/results.json")
+    return results
+
+
+if __name__ == "__main__":
+    from model import parse_config
+    run(parse_config(ToyConfig))
