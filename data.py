@@ -258,6 +258,39 @@ def collate(items, pad_id, left=False):
                 latent_targets=torch.cat(targets) if targets else None)
 
 
+def pack(items, budget):
+    """Group examples into rows of at most `budget` tokens (first-fit, longest first). Returns lists of items."""
+    rows, room = [], []
+    for it in sorted(items, key=lambda it: -len(it["input_ids"])):
+        n = len(it["input_ids"])
+        if n > budget:
+            raise ValueError(f"example {it['id']}: {n} tokens do not fit the packing budget of {budget}")
+        j = next((j for j, r in enumerate(room) if r >= n), None)
+        if j is None:
+            rows.append([]), room.append(budget)
+            j = len(rows) - 1
+        rows[j].append(it)
+        room[j] -= n
+    return rows
+
+
+def collate_packed(items):
+    """Examples back to back in one row (1, T) with no padding; seq_lens tells GAP.forward where each example
+    starts, so each gets its own position ids and no attention crosses examples (attention_mask is None).
+    The first token of each example gets no label: nothing before it may predict it."""
+    labels = []
+    for it in items:
+        lab = it["labels"].clone()
+        lab[0] = IGNORE
+        labels.append(lab)
+    targets = [it["latent_targets"] for it in items if it.get("latent_targets") is not None]
+    return dict(ids=[it["id"] for it in items], input_ids=torch.cat([it["input_ids"] for it in items])[None],
+                attention_mask=None, labels=torch.cat(labels)[None], seq_lens=[len(it["input_ids"]) for it in items],
+                pixel_values=torch.cat([it["pixel_values"] for it in items]),
+                image_grid_thw=torch.cat([it["image_grid_thw"] for it in items]),
+                latent_targets=torch.cat(targets) if targets else None)
+
+
 def encode_prompt(tokenizer, image_processor, image, question, spec: DataSpec, id="0"):
     """One generation prompt (image + question) as a collate()-able item."""
     pixel_values, grid = process_image(image_processor, image, spec.image_min_pixels, spec.image_max_pixels)

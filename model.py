@@ -59,6 +59,17 @@ def atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
+def replace_dir(tmp, path):
+    """Swap a fully written directory `tmp` into `path`: a crash at any point leaves a whole `path` or a whole
+    `path`.old (which the loaders fall back to), never a half-written one."""
+    old = path.rstrip("/") + ".old"
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def default_device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -172,6 +183,18 @@ class GAP(nn.Module):
                                                     image_grid_thw=image_grid_thw, attention_mask=attention_mask)
         return pos
 
+    def packed_position_ids(self, input_ids, seq_lens, image_grid_thw=None):
+        """(4, 1, T) position ids of one packed row holding len(seq_lens) examples back to back. Row 0 restarts
+        at 0 for each example: from it the stock model builds the block-diagonal causal mask (SDPA / eager) or
+        the varlen cu_seqlens (FlashAttention-2), so no token attends across examples. Rows 1-3 are each
+        example's own M-RoPE ids, exactly as if it were alone in an unpadded batch."""
+        rows = torch.split(input_ids[0], list(seq_lens))
+        padded = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=0)  # (n, L_max)
+        mask = nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+        mrope = self.position_ids(padded, mask, image_grid_thw)[:, mask.bool()]  # (3, T)
+        text = torch.cat([torch.arange(len(r), device=input_ids.device) for r in rows])  # (T,)
+        return torch.cat([text[None], mrope], dim=0)[:, None]  # (4, 1, T)
+
     def states(self, embeds, attention_mask, position_ids, past_key_values=None, use_cache=False):
         """Run the decoder on embeddings; returns h_bar (B, T, D) = final-RMSNorm output (what the LM head
         reads, and what the latent head reads) and the KV cache."""
@@ -182,14 +205,20 @@ class GAP(nn.Module):
     # -- training -----------------------------------------------------------------------------------------
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None,
-                latent_targets=None, scheduled_sampling=False):
-        """Teacher-forced pass. Returns sums and counts so the caller can normalize by the *global* number of
-        supervised tokens / latent slots (see loss()):
+                latent_targets=None, scheduled_sampling=False, seq_lens=None):
+        """Teacher-forced pass. `seq_lens` marks a packed batch (data.collate_packed: one row, examples back to
+        back, attention_mask None). Returns sums and counts so the caller can normalize by the *global* number
+        of supervised tokens / latent slots (see loss()):
           lm_sum     = sum of next-token CE over positions whose next token has a label (assistant tokens;
                        data.py already masks <|latent_pad|> and <|latent_end|> targets),
           latent_sum = sum over latent slots t of MSE(head(h_bar_{t-1}), v_t), in fp32."""
         embeds = self.embed(input_ids, pixel_values, image_grid_thw, latent_targets)
-        pos = self.position_ids(input_ids, attention_mask, image_grid_thw)
+        if seq_lens is not None:
+            if attention_mask is not None or input_ids.shape[0] != 1:
+                raise ValueError("a packed batch is one row with attention_mask=None (see data.collate_packed)")
+            pos = self.packed_position_ids(input_ids, seq_lens, image_grid_thw)
+        else:
+            pos = self.position_ids(input_ids, attention_mask, image_grid_thw)
         slot_next = input_ids[:, 1:] == self.pad_id  # (B, T-1): the next token is a latent slot
         if scheduled_sampling and bool(slot_next.any()):
             # ablation (appendix F): a no-grad pass predicts every latent, and those predictions replace the
@@ -340,37 +369,36 @@ def loss(out, n_lm, n_latent, lambda_latent):
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints: backbone in the stock format + tokenizer + image processor + head + PCA basis + gap.json
 
-def save_checkpoint(gap, tokenizer, image_processor, out_dir, gap_config: dict, basis=None, train_state=None):
+def save_checkpoint(gap, tokenizer, image_processor, out_dir, gap_config: dict, basis=None, state_dict=None):
     """Write a complete checkpoint directory atomically: everything goes to DIR.tmp, which then replaces DIR,
     so a crash mid-save never damages the previous checkpoint. The backbone directory loads in the stock
-    Qwen2_5_VLForConditionalGeneration; infer.py loads the whole of it with load_checkpoint()."""
+    Qwen2_5_VLForConditionalGeneration; infer.py loads the whole of it with load_checkpoint(). `state_dict`:
+    a full GAP state dict to write instead of gap's own (train.py gathers one from FSDP2 shards)."""
     from safetensors.torch import save_file
-    tmp, old = out_dir.rstrip("/") + ".tmp", out_dir.rstrip("/") + ".old"
+    tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    gap.backbone.save_pretrained(tmp, safe_serialization=True)
+    state = state_dict if state_dict is not None else gap.state_dict()
+    part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+    gap.backbone.save_pretrained(tmp, state_dict=part("backbone."), safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     image_processor.save_pretrained(tmp)
-    head_state = {k: v.detach().float().cpu().contiguous() for k, v in gap.head.state_dict().items()}
+    head_state = {k: v.detach().float().cpu().contiguous() for k, v in part("head.").items()}
     save_file(head_state, os.path.join(tmp, "latent_head.safetensors"))
     if basis is not None:
         pca_lib.save(os.path.join(tmp, "pca.safetensors"), basis)
-    if train_state is not None:  # optimizer, scheduler, step and RNG states for --resume
-        torch.save(train_state, os.path.join(tmp, "train_state.pt"))
     config = dict(gap_config, latent_tokens=gap.latent_tokens, latent_head=gap.head.kind,
                   latent_token_ids=dict(start=gap.start_id, pad=gap.pad_id, end=gap.end_id))
     atomic_write_text(os.path.join(tmp, "gap.json"), json.dumps(config, indent=2) + "\n")
-    if os.path.exists(out_dir):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out_dir)
 
 
 def load_checkpoint(ckpt_dir, device=None, dtype=None):
     """Load a GAP checkpoint written by save_checkpoint(). Returns (gap, tokenizer, image_processor, config).
     The latent-token ids in gap.json must match the tokenizer's, else it fails loudly."""
     from safetensors.torch import load_file
+    if not os.path.exists(ckpt_dir) and os.path.exists(ckpt_dir.rstrip("/") + ".old"):
+        ckpt_dir = ckpt_dir.rstrip("/") + ".old"  # a crash between the two renames of replace_dir()
     path = os.path.join(ckpt_dir, "gap.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: not a GAP checkpoint (no gap.json); train one with train.py")

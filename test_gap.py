@@ -332,51 +332,6 @@ def test_training_lowers_both_losses(world):
     assert lm / n_lm < 0.9 * first[0] and lat / n_lat < 0.9 * first[1], (first, (lm / n_lm, lat / n_lat))
 
 
-DDP_SCRIPT = """
-import os, sys, torch
-from train import TrainConfig, setup_distributed, build, load_micro_batches, train_step
-from torch.nn.parallel import DistributedDataParallel as DDP
-rank, world, device = setup_distributed()
-cfg = TrainConfig(model=sys.argv[1], data=sys.argv[2], target_cache=sys.argv[3], latent_tokens=4, adapter_dim=16,
-                  micro_batch=int(sys.argv[5]), pca_path=sys.argv[6])
-torch.manual_seed(0)
-g, tok, _, ds, _ = build(cfg, device, rank, world)
-g.train()
-model = DDP(g) if world > 1 else g
-idx = [0, 5, 2, 7][rank::world]  # examples with answers of uneven length
-micro, _ = load_micro_batches(ds, idx, cfg.micro_batch, tok.pad_token_id, False)
-train_step(model, micro, cfg, device, world)
-if rank == 0:
-    torch.save({n: p.grad for n, p in g.named_parameters() if p.grad is not None}, sys.argv[4])
-if world > 1:  # exiting with a live gloo group can abort the process
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-"""
-
-
-def test_ddp_two_processes_equal_one_process(world, tmp_path):
-    """2 gloo ranks x (2 micro-steps of 1) give the gradients of 1 process on the whole batch of 4."""
-    script = tmp_path / "ddp_step.py"
-    script.write_text(DDP_SCRIPT)
-    pca_lib.save(str(tmp_path / "pca.safetensors"), world["basis"])  # one basis for both runs
-    args = [world["model"], world["data"], str(world["root"] / "cache")]
-    run([sys.executable, str(script), *args, str(tmp_path / "one.pt"), "2", str(tmp_path / "pca.safetensors")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), *args, str(tmp_path / "two.pt"), "1", str(tmp_path / "pca.safetensors")]
-    for attempt in range(3):
-        # About 1 launch in 5 on the 2-core CI box, a gloo rank aborts in C++ teardown ("terminate called without
-        # an active exception", SIGABRT) even after barrier + destroy_process_group; only that case is relaunched.
-        p = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
-        if p.returncode == 0 or "terminate called without an active exception" not in p.stderr + p.stdout:
-            break
-    assert p.returncode == 0, f"torchrun failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert one.keys() == two.keys() and any(k.startswith("head.") for k in one)
-    for name in one:  # per-tensor relative error: entries that cancel to ~0 differ by summation order only
-        err = float((two[name] - one[name]).norm() / one[name].norm().clamp(min=1e-12))
-        assert err < 1e-4, f"{name}: relative gradient difference {err:.2e}"
-
-
 def test_round_trip_train_save_infer(world, tmp_path):
     """train.py -> checkpoint -> infer.py CLI (single and batch mode); the backbone loads in the stock class."""
     ckpt = str(tmp_path / "gap")
@@ -506,33 +461,3 @@ def test_scheduled_sampling_feeds_predicted_latents(world, gap):
     expected = float((v2 - b["latent_targets"]).pow(2).mean(-1).sum())
     assert abs(float(ss["latent_sum"]) - expected) < 1e-5
     assert abs(float(ss["latent_sum"]) - float(tf["latent_sum"])) > 1e-4
-
-
-def test_resume_continues_exactly(world, tmp_path, monkeypatch):
-    """6 steps straight == 2 steps, a crash right after the step-2 checkpoint, then --resume for 4 more:
-    the same losses (model, optimizer, scheduler, data position and RNG all restored)."""
-    import dataclasses
-    import train
-    cfg = train.TrainConfig(model=world["model"], data=world["data"], target_cache=str(world["root"] / "cache"),
-                            latent_tokens=K, global_batch=4, epochs=2, lr=1e-3, head_lr=1e-3, adapter_dim=16,
-                            save_every=2, out_dir=str(tmp_path / "straight"))
-    straight = train.main(cfg)
-    assert len(straight) == 6
-
-    class Crash(Exception):
-        pass
-
-    real_save = train.save_checkpoint
-
-    def save_then_crash(*args, **kw):
-        real_save(*args, **kw)
-        raise Crash
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
-    cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "resumed"))
-    with pytest.raises(Crash):
-        train.main(cfg)
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
-    resumed = train.main(dataclasses.replace(cfg, resume=True))
-    assert resumed == straight[2:]
-    assert json.load(open(tmp_path / "resumed" / "gap.json"))["step"] == 6

@@ -32,10 +32,12 @@ COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "
 
 def sample_example(rng, i, img_dir):
     """One example of a small counting task: the query image has circles of several colours, the auxiliary
-    image keeps only the asked colour, the answer is their count."""
+    image keeps only the asked colour, the answer is their count. Image widths and reasoning lengths vary, so
+    examples differ in length (what padding, packing and the loss normalization are tested on)."""
     color = rng.choice(sorted(COLORS))
     counts = {c: rng.randint(0, 4) for c in COLORS}
-    query, aux = Image.new("RGB", (56, 56), "white"), Image.new("RGB", (56, 56), "white")
+    width = rng.choice([56, 84, 112])  # 4, 6 or 8 merged vision tokens
+    query, aux = Image.new("RGB", (width, 56), "white"), Image.new("RGB", (56, 56), "white")
     for c, n in counts.items():
         for _ in range(n):
             x, y = rng.randint(4, 48), rng.randint(4, 48)
@@ -44,7 +46,7 @@ def sample_example(rng, i, img_dir):
     query.save(os.path.join(img_dir, f"q{i}.png"))
     aux.save(os.path.join(img_dir, f"a{i}.png"))
     n = counts[color]
-    response = (f"<think>I need to count the {color} circles. <latent> <parser>only the {color} circles are "
+    response = (f"<think>{f'I need to count the {color} circles. ' * rng.randint(1, 3)}<latent> <parser>only the {color} circles are "
                 f"kept: there are {n}.</parser> So the count is {n}.</think><answer>{n}</answer>")
     return dict(id=f"s{i}", image=f"img/q{i}.png", question=f"How many {color} circles are there?",
                 response=response, aux_image=f"img/a{i}.png", answer=str(n))
