@@ -204,3 +204,21 @@ def test_fsdp_export_matches_ddp_and_loads(straight):
     for k in a:  # 6 Adam steps amplify summation-order differences a little; a wrong gather would be O(1)
         assert rel_err(a[k].float(), b[k].float()) < 1e-3, k
     Qwen2_5_VLForConditionalGeneration.from_pretrained(str(straight["fsdp"]["out"]))
+
+
+def test_bench_shapes_and_step():
+    """bench.py's 7b shapes are Qwen2.5-VL-7B's (its exact parameter count, built on the meta device), and a tiny
+    run times both layouts on the same examples."""
+    import bench
+    import tiny
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    tokenizer = tiny.build_tokenizer(tiny.corpus_texts())
+    with torch.device("meta"):
+        m = Qwen2_5_VLForConditionalGeneration(bench.make_config(bench.BenchConfig(shapes="7b"), tokenizer, "sdpa"))
+    assert sum(p.numel() for p in m.parameters()) == 8_292_166_656
+    rows = bench.main(bench.BenchConfig(examples=4, micro_batch=2, steps=1, warmup=0, latent_tokens=4,
+                                        attn="sdpa", peak_tflops=1.0))
+    by = {r["layout"]: r for r in rows}
+    assert by.keys() == {"padded", "packed"} and by["padded"]["tokens"] == by["packed"]["tokens"]
+    assert by["packed"]["slots"] == by["packed"]["tokens"] < by["padded"]["slots"]
+    assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in rows)
