@@ -222,3 +222,19 @@ def test_bench_shapes_and_step():
     assert by.keys() == {"padded", "packed"} and by["padded"]["tokens"] == by["packed"]["tokens"]
     assert by["packed"]["slots"] == by["packed"]["tokens"] < by["padded"]["slots"]
     assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_resume_refuses_changed_flags_and_missing_state(setup, tmp_path):
+    """One process: --resume without a saved state, or with a flag that changes the data order or schedule,
+    fails naming what is wrong instead of continuing a different run."""
+    import dataclasses
+    import train
+    from model import parse_config
+    cfg = parse_config(train.TrainConfig, [*setup["args"], "--global_batch", "4", "--max_steps", "2",
+                                           "--save_every", "1", "--out_dir", str(tmp_path / "gap")])
+    with pytest.raises(FileNotFoundError, match="no saved state"):
+        train.main(dataclasses.replace(cfg, resume=True))
+    train.main(cfg)
+    with pytest.raises(ValueError, match=r"--global_batch 4 -> 6"):
+        train.main(dataclasses.replace(cfg, resume=True, global_batch=6))
+    assert len(train.main(dataclasses.replace(cfg, resume=True))) == 1  # the state of step 1 of 2

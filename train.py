@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import field
 
 import torch
@@ -233,7 +234,12 @@ def train_step(model, micro_batches, cfg, device, world):
 # ----------------------------------------------------------------------------------------------------------
 # resumable state (sharded, atomic) and the final export
 
-def save_state(path, gap, opt, sched, step, skipped, basis, rank):
+# flags that set the data order, the schedule or the model: a resumed run must keep them
+RESUME_FIXED = ("data", "seed", "global_batch", "epochs", "max_steps", "latent_tokens", "latent_head",
+                "difficulty_tau", "lr", "head_lr", "warmup_ratio", "adapter_dim")
+
+
+def save_state(path, gap, opt, sched, step, skipped, basis, rank, cfg):
     """Everything --resume needs: model and optimizer through torch.distributed.checkpoint (each rank writes its
     own shards; DDP replicas are written once), scheduler and data position (the step: the data order is a
     function of seed and epoch), bad-example count, PCA basis, and each rank's RNG states. All of it goes to
@@ -246,13 +252,16 @@ def save_state(path, gap, opt, sched, step, skipped, basis, rank):
         os.makedirs(tmp)
     barrier()
     model_state, optim_state = get_state_dict(gap, opt)
-    dcp.save(dict(model=model_state, optim=optim_state), checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group, as meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(dict(model=model_state, optim=optim_state), checkpoint_id=tmp, no_dist=not dist.is_initialized())
     torch.save(dict(cpu=torch.get_rng_state(), python=random.getstate(),
                     cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None),
                os.path.join(tmp, f"rng_rank{rank}.pt"))
     barrier()
     if rank == 0:
-        torch.save(dict(step=step, scheduler=sched.state_dict(), skipped=skipped), os.path.join(tmp, "meta.pt"))
+        torch.save(dict(step=step, scheduler=sched.state_dict(), skipped=skipped, config=dataclasses.asdict(cfg)),
+                   os.path.join(tmp, "meta.pt"))
         if basis is not None:
             pca_lib.save(os.path.join(tmp, "pca.safetensors"), basis)
         replace_dir(tmp, path)
@@ -267,16 +276,22 @@ def find_state(path):
     raise FileNotFoundError(f"--resume: no saved state in {path} (train with --save_every N to write one)")
 
 
-def load_state(path, gap, opt, sched, rank):
+def load_state(path, gap, opt, sched, rank, cfg):
     """Inverse of save_state(); returns (step, skipped). DCP reshards, so the world size may change, but then
     the RNG streams of the new ranks start from the seed."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
+    changed = [f"--{k} {meta['config'][k]!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIXED
+               if meta["config"][k] != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"--resume from {path}: these flags differ from the saved run: {', '.join(changed)}")
     model_state, optim_state = get_state_dict(gap, opt)
     state = dict(model=model_state, optim=optim_state)
-    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     set_state_dict(gap, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
     sched.load_state_dict(meta["scheduler"])
     rng_path = os.path.join(path, f"rng_rank{rank}.pt")
     if os.path.exists(rng_path):
@@ -341,7 +356,7 @@ def main(cfg: TrainConfig):
     gap_config = dict(dataclasses.asdict(cfg), **dataclasses.asdict(dataset.spec))
     step, skipped = 0, 0
     if resume_from:
-        step, skipped = load_state(resume_from, gap, opt, sched, rank)
+        step, skipped = load_state(resume_from, gap, opt, sched, rank, cfg)
         if rank == 0:
             print(f"resumed from {resume_from} at step {step}")
     losses, bar = [], tqdm(total=total, initial=step, disable=rank != 0, desc="train")
@@ -367,7 +382,7 @@ def main(cfg: TrainConfig):
         bar.set_postfix(loss_lm=f"{losses[-1][0]:.4f}", loss_latent=f"{losses[-1][1]:.4f}",
                         lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{n_tokens / (time.time() - t0):.0f}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            save_state(state_dir, gap, opt, sched, step, skipped, basis, rank)
+            save_state(state_dir, gap, opt, sched, step, skipped, basis, rank, cfg)
     bar.close()
     export(gap, tokenizer, image_processor, cfg.out_dir, dict(gap_config, step=step), basis, rank, cfg.fsdp)
     if rank == 0:
