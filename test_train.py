@@ -41,6 +41,7 @@ if mode == "grads":  # one optimizer step's gradients, gathered to full tensors 
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    print(f"driver done on rank {rank}", flush=True)
 else:  # train.main, SIGKILLed on rank 0 after the state of step N is saved, or in the middle of that save
     kill = os.environ.get("KILL", "")
     if kill:
@@ -59,23 +60,23 @@ else:  # train.main, SIGKILLed on rank 0 after the state of step N is saved, or 
     if int(os.environ.get("RANK", 0)) == 0:
         with open(out, "w") as f:
             json.dump(losses, f)
+    print(f"driver done on rank {os.environ.get('RANK', 0)}", flush=True)
 """
 
 
 def torchrun(args, nproc=2, expect_ok=True, env=None):
     """Launch the driver under torchrun (nproc > 1) or plain python. About 1 launch in 5 on the 2-core CI box a
-    gloo rank aborts in C++ teardown ("terminate called without an active exception", SIGABRT) after its work is
-    done; only that case is relaunched."""
-    script = os.path.join(str(args[0]))
+    gloo rank aborts in C++ teardown ("terminate called without an active exception", SIGABRT) after the
+    process group is destroyed; a launch in which every rank got past its work (printed "driver done") and
+    then only that abort happened counts as a success. Never relaunched: a resumed run is not idempotent."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                 if nproc > 1 else [sys.executable])
-    for _ in range(3):
-        p = subprocess.run(launcher + [script, *map(str, args[1:])], cwd=HERE, env=dict(ENV, **(env or {})),
-                           capture_output=True, text=True, timeout=600)
-        if not expect_ok or p.returncode == 0 or "terminate called without an active exception" not in p.stderr + p.stdout:
-            break
+    p = subprocess.run(launcher + list(map(str, args)), cwd=HERE, env=dict(ENV, **(env or {})),
+                       capture_output=True, text=True, timeout=600)
+    done = all(f"driver done on rank {r}" in p.stdout for r in range(nproc))
+    teardown_abort = "terminate called without an active exception" in p.stdout + p.stderr
     if expect_ok:
-        assert p.returncode == 0, f"run failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        assert p.returncode == 0 or (done and teardown_abort), f"run failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
 
