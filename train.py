@@ -350,7 +350,7 @@ def main(cfg: TrainConfig):
         print(f"attention: {attn}" + (" (flash_attn not importable)" if attn != "flash_attention_2" else "")
               + (f"; packed rows of {pack_len} tokens" if pack_len else ""))
         print(f"{len(dataset)} examples ({n_latent_rows} with latent supervision at tau={cfg.difficulty_tau}, "
-              f"{dataset.skipped} bad lines skipped), {world} rank(s) {'FSDP2' if cfg.fsdp else 'DDP' if world > 1 else ''}, "
+              f"{dataset.skipped} bad lines skipped), {world} rank(s){' FSDP2' if cfg.fsdp else ' DDP' if world > 1 else ''}, "
               f"{total} steps of {cfg.global_batch}, K={cfg.latent_tokens}, head={gap.head.kind}"
               + (f" k={basis['k']}" if basis else ""))
     gap_config = dict(dataclasses.asdict(cfg), **dataclasses.asdict(dataset.spec))
