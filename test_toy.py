@@ -48,12 +48,53 @@ def test_world_format(world):
         for r in _read(path):
             fams.add(r["family"])
             assert r["response"].count("<latent>") == 1, r["response"]
+            assert " <latent>" not in r["response"]  # a lone space before the span breaks latent_mode zero (toy.py)
             assert r["response"].count("<parser>") == 1 and r["response"].count("</parser>") == 1
             assert r["response"].index("<latent>") < r["response"].index("<parser>") < r["response"].index("</parser>")
             assert r["response"].endswith(f"<answer>{r['answer']}</answer>")
             for key in ("image", "aux_image"):
                 assert os.path.exists(os.path.join(out, r[key])), f"{split}/{r['id']}: {key} missing"
     assert fams == set(toy.FAMILIES)
+
+
+def _cell_colours(path):
+    """{(row, col): colour name} of the non-white cells of a toy image, checking every cell is one flat colour."""
+    from PIL import Image
+    names = {rgb: name for name, rgb in toy.INK.items()}
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    cells = {}
+    for r in range(im.height // toy.CELL):
+        for c in range(im.width // toy.CELL):
+            box = im.crop((c * toy.CELL, r * toy.CELL, (c + 1) * toy.CELL, (r + 1) * toy.CELL))
+            colours = box.getcolors()
+            assert len(colours) == 1, f"{path}: cell {(r, c)} is not one flat colour: {colours}"
+            if colours[0][1] != (255, 255, 255):
+                cells[(r, c)] = names[colours[0][1]]
+    return cells
+
+
+def test_aux_image_holds_the_answer(world):
+    """The auxiliary image makes the evidence explicit: the answer can be read off it (and off the query with
+    the question's rule), so a latent that reconstructs it carries what the answer needs."""
+    out, paths = world
+    for split, path in paths.items():
+        for r in _read(path):
+            query, aux = _cell_colours(os.path.join(out, r["image"])), _cell_colours(os.path.join(out, r["aux_image"]))
+            if r["family"] == "count":
+                colour = r["question"].split()[2]
+                n = list(query.values()).count(colour)
+                assert aux == {divmod(i, 4): colour for i in range(n)} and str(n) == r["answer"]  # lined up
+            elif r["family"] == "pattern":
+                assert set(aux.values()) == {r["answer"]} and len(aux) == len(query) + 1  # zoomed-in missing cell
+                (hole,) = {(i, j) for i in range(4) for j in range(4)} - set(query)
+                line = 0 if "row" in r["question"] else 1
+                assert {c for p, c in query.items() if p[line] == hole[line]} == {r["answer"]}
+            else:
+                assert set(aux.values()) == {r["answer"]} and len(aux) == 16  # the neighbour, zoomed in
+                (black,) = [p for p, c in query.items() if c == "black"]
+                dr, dc = (0, 1) if "right of" in r["question"] else (1, 0)
+                assert query[(black[0] + dr, black[1] + dc)] == r["answer"]
 
 
 def test_world_no_cross_split_repeats(world):
@@ -79,6 +120,24 @@ def test_check_world_catches_a_repeat(world, tmp_path):
         toy.check_world(bad)
 
 
+def test_scale_vision_scales_the_embeddings_exactly(tmp_path):
+    import torch
+    import tiny
+    from model import load_backbone
+    from data import process_image
+    model_dir = tiny.build_tiny(str(tmp_path / "tiny"), hidden=32, layers=1, texts=["a b c"] * 4)
+    image = toy._paint(toy._canvas(56), {(0, 0): "red", (2, 3): "black"})
+
+    def features():
+        backbone, _, proc = load_backbone(model_dir, "cpu", torch.float32)
+        with torch.no_grad():
+            return torch.cat(backbone.model.get_image_features(*process_image(proc, image)).pooler_output)
+
+    before = features()
+    toy.scale_vision(model_dir, 40.0)
+    torch.testing.assert_close(features(), 40.0 * before, rtol=1e-5, atol=1e-5)
+
+
 def test_quick_pipeline(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "toy.py"), "--quick", "--out", str(tmp_path)],
@@ -94,7 +153,10 @@ def test_quick_pipeline(tmp_path):
         assert 0.0 <= acc <= 1.0
         assert math.isclose(res["stderr"][key], math.sqrt(acc * (1 - acc) / n), rel_tol=1e-6, abs_tol=1e-9)
         assert round(acc * n) == pytest.approx(acc * n, abs=1e-6)  # a whole number of correct answers
-    assert res["pca"]["k"] >= 1 and 0 < res["pca"]["var"] <= 1 and 0 <= res["pca"]["rel_mse"] <= 1 - res["pca"]["var"] + 1e-6
+    pca = res["pca"]
+    assert pca["k"] >= 1 and 0 < pca["var"] <= 1 and 0 <= pca["rel_mse"] <= 1 - pca["var"] + 1e-6
+    for group in ("latent_rate", "answer_rate"):
+        assert all(0.0 <= v <= 1.0 for v in res[group].values()) and set(res[group]) == set(res["accuracy"])
     assert set(res["norms"]) >= {"vision_embed", "latent_pca", "latent_hidden"}
     assert res["norms"]["vision_embed"] > 0
     assert (tmp_path / "results.png").stat().st_size > 0

@@ -1,23 +1,28 @@
 """The toy world: a seeded synthetic visual task in the GAP data format, where the auxiliary image carries the
 evidence the answer needs, and one command that runs the whole GAP pipeline on a CPU (paper section 4 and the
 latent interventions of section 5.4 / table 6) and reports whether the latents carry signal.
-Status: the pipeline runs end to end, but in its measured runs the trained model did not open latent spans on
-the test split, so model / zero / noise tie: this world does not yet show latent signal.
 
-    python toy.py                 # default world (4 to 6 min measured on 2 CPU cores) -> out/toy/results.json + .png
+    python toy.py                 # default world (11 min measured on 2 CPU cores) -> out/toy/results.json + .png
     python toy.py --quick         # the same pipeline at smoke-test size, under a minute (test_toy.py runs it)
 
-Stages (each with a progress bar): world (JSONL + PNGs, train/val/test) -> tokenizer + tiny Qwen2.5-VL ->
-base model (trained text-only, K=0, random vision tower kept frozen, standing in for the pretrained base) -> latent
-targets from the frozen base vision tower (data.extract_targets) -> PCA basis (pca.py) -> difficulty (N sampled
-answers of the base per training example -> `accuracy`) -> from the base: GAP (pca head, difficulty-aware),
-the dense-caption control (K=0, same data) and the output-as-input variant (`hidden` head) -> evaluation on the
-test split (infer.run_batch) with latent_mode model / zero / noise -> table, results.json, PNG plot.
+Measured with the default command (600 test examples, accuracy +- stderr): clean latents (model) 0.615 +- 0.020,
+latent span banned (zero) 0.415 +- 0.020, Gaussian PCA latents (noise) 0.233 +- 0.017, so the generated latents
+carry the evidence; the base 0.360, the K=0 dense-caption control 0.735 (it beats GAP in this world), the `hidden`
+output-as-input head 0.477. A toy world on a CPU: these are not the paper's benchmarks.
 
-Task families (query image, question, answer; the auxiliary image makes the missing evidence explicit):
-  count    "How many red circles are there?"                  aux: only the circles of the asked colour
-  relation "Is the red square left of the blue square?"       aux: only the two named squares
-  pattern  "Each row has one colour. What colour is missing?" aux: the completed grid
+Stages (each with a progress bar): world (JSONL + PNGs, train/val/test) -> tokenizer + tiny Qwen2.5-VL ->
+base model (trained text-only, K=0, random vision tower scaled by --vision_scale and kept frozen, standing in for
+the pretrained base) -> latent targets from the frozen base vision tower (data.extract_targets) -> PCA basis
+(pca.py) -> difficulty (N sampled answers of the base per training example -> `accuracy`) -> from the base: GAP
+(pca head, difficulty-aware), the dense-caption control (K=0, same data) and the output-as-input variant (`hidden`
+head) -> evaluation on the test split (infer.run_batch) with latent_mode model / zero / noise -> table,
+results.json, PNG plot.
+
+Task families. Images are 4 x 4 grids of 14 px cells (one ViT patch each, a flat colour); the auxiliary image
+makes the missing evidence explicit and is never shown to the student, only its frozen-tower embeddings:
+  count    "How many red cells are there?"                          aux: only the red cells, lined up
+  neighbor "What colour is the cell right of the black cell?"       aux: that cell, zoomed in
+  pattern  "Each row has one colour. What colour is the missing cell?" aux: the missing cell, filled in and zoomed
 """
 import dataclasses
 import hashlib
@@ -33,7 +38,9 @@ from PIL import Image, ImageDraw
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (225, 195, 20),
           "purple": (150, 50, 190)}
-FAMILIES = ("count", "relation", "pattern")
+FAMILIES = ("count", "neighbor", "pattern")
+INK = COLORS | {"black": (0, 0, 0)}
+CELL = 14  # one ViT patch: every cell is a flat colour, which even a random frozen tower tells apart
 MODES = ("base", "model", "zero", "noise", "dense_caption", "hidden")
 
 
@@ -44,36 +51,48 @@ class ToyConfig:
     out: str = field(default="out/toy", metadata={"help": "output directory (data, checkpoints, results)"})
     quick: bool = field(default=False, metadata={"help": "smoke-test sizes (overrides the size fields below)"})
     seed: int = field(default=0, metadata={"help": "world, weights and training seed"})
-    families: str = field(default="count,relation,pattern", metadata={"help": "comma-separated task families"})
+    families: str = field(default="count,neighbor,pattern", metadata={"help": "comma-separated task families"})
     n_train: int = field(default=3000, metadata={"help": "training examples (split evenly over families)"})
     n_val: int = field(default=150, metadata={"help": "validation examples"})
     n_test: int = field(default=600, metadata={"help": "test examples (>= 500 for the two-stderr claim)"})
-    image_size: int = field(default=56, metadata={"help": "query image side in px (56: 2x2 merged vision tokens)"})
-    hidden: int = field(default=64, metadata={"help": "decoder width d of the tiny Qwen2.5-VL"})
-    layers: int = field(default=2, metadata={"help": "decoder layers of the tiny Qwen2.5-VL"})
+    image_size: int = field(default=56, metadata={"help": "image side in px, a multiple of 28 (56: 4x4 cells, "
+                                                                "2x2 merged vision tokens)"})
+    hidden: int = field(default=128, metadata={"help": "decoder width d of the tiny Qwen2.5-VL"})
+    layers: int = field(default=4, metadata={"help": "decoder layers of the tiny Qwen2.5-VL"})
+    # a random tower's embeddings come out ~1.3x the text-embedding norm; Qwen2.5-VL-7B's are ~50x (paper sec. 3),
+    # and at 1.3x the per-dimension target variance is ~2e-4, too small for L_latent to teach the head anything
+    vision_scale: float = field(default=40.0, metadata={"help": "scale of the base vision tower's output "
+                                                                 "(40: vision/text embedding norm ~ 50, as in 7B)"})
     latent_tokens: int = field(default=4, metadata={"help": "K latents per span (a perfect square)"})
     pca_var: float = field(default=0.95, metadata={"help": "explained variance that sets k"})
     base_epochs: int = field(default=6, metadata={"help": "epochs of the text-only base stage"})
-    epochs: int = field(default=6, metadata={"help": "epochs of each fine-tuning stage (GAP, dense, hidden)"})
+    epochs: int = field(default=10, metadata={"help": "epochs of each fine-tuning stage (GAP, dense, hidden)"})
     batch: int = field(default=32, metadata={"help": "global batch (one micro-batch) of every training stage"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of the base stage"})
     ft_lr: float = field(default=1e-3, metadata={"help": "peak learning rate (backbone and head) of fine-tuning"})
     # measured: training the tower at the base lr collapsed its output to a near-constant vector (std across
-    # images 0.008 vs mean |v| 0.58), so the base keeps the random tower, whose features do vary (0.015 vs 0.020)
+    # images 0.008 vs mean |v| 0.58), so the base keeps the random tower; on this world's flat 14 px cells a linear
+    # probe reads every cell's colour from its frozen features (100% held out)
     base_train_vision: bool = field(default=False, metadata={"help": "also train the vision tower in the base stage"})
     samples: int = field(default=8, metadata={"help": "N sampled base answers per example (difficulty)"})
     difficulty_temperature: float = field(default=1.0, metadata={"help": "sampling temperature for difficulty"})
-    difficulty_tau: float = field(default=0.0, metadata={"help": "latent supervision where accuracy <= tau"})
+    # measured: with tau=0 only ~10% of examples were latent-supervised (a near-chance base hits the answer by luck
+    # in 1 of 8 samples at T=1), too few for the model to learn to open a span; 0.5 = fails at least half
+    difficulty_tau: float = field(default=0.5, metadata={"help": "latent supervision where accuracy <= tau"})
     max_new_tokens: int = field(default=64, metadata={"help": "generated tokens per answer, latents included"})
     eval_batch: int = field(default=64, metadata={"help": "prompts per generation batch"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default, all cores)"})
 
 
-QUICK = dict(n_train=96, n_val=12, n_test=48, base_epochs=2, epochs=2, batch=16, samples=2, max_new_tokens=48)
+QUICK = dict(hidden=64, layers=2, n_train=96, n_val=12, n_test=48, base_epochs=2, epochs=2, batch=16, samples=2,
+             max_new_tokens=48)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the world: three task families, each a query image, a question, an answer and an auxiliary image
+# the world: three task families, each a query image, a question, an answer and an auxiliary image.
+# No space before <latent>: with "cells. <latent>" the student learns "." " " <|latent_start|>, and a lone " " token
+# never precedes text in the text-only examples, so with the start token banned (latent_mode zero) it looped on
+# spaces (measured: 7% of zero-mode answers well formed); "cells.<latent>" leaves the text-only path reachable.
 
 def _cells(rng, n, grid):
     return rng.sample([(r, c) for r in range(grid) for c in range(grid)], n)
@@ -83,74 +102,67 @@ def _canvas(size):
     return Image.new("RGB", (size, size), "white")
 
 
+def _grid(size):
+    return size // CELL
+
+
+def _paint(img, cells):
+    """cells: {(row, col): colour name}; each a flat CELL x CELL square."""
+    d = ImageDraw.Draw(img)
+    for (r, c), name in cells.items():
+        d.rectangle([c * CELL, r * CELL, (c + 1) * CELL - 1, (r + 1) * CELL - 1], fill=INK[name])
+    return img
+
+
 def make_count(rng, size):
-    """Circles of several colours; count those of one colour. Aux: only that colour's circles."""
-    grid, cell = 6, size / 6
+    """Cells of several colours; count those of one colour. Aux: only that colour's cells, lined up in reading
+    order (a tally)."""
+    g = _grid(size)
     color, *others = rng.sample(sorted(COLORS), 3)
-    counts = [rng.randint(0, 4)] + [rng.randint(1, 4) for _ in others]
-    query, aux = _canvas(size), _canvas(size)
-    r = max(2, round(cell * 0.35))
-    for (row, col), c in zip(_cells(rng, sum(counts), grid),
-                             [x for x, n in zip([color] + others, counts) for _ in range(n)]):
-        x, y = (col + 0.5) * cell, (row + 0.5) * cell
-        for img in ([query, aux] if c == color else [query]):
-            ImageDraw.Draw(img).ellipse([x - r, y - r, x + r, y + r], fill=COLORS[c])
-    n = counts[0]
-    return dict(question=f"How many {color} circles are there?", answer=str(n),
-                response=f"<think>Keep only the {color} circles. <latent> <parser>only the {color} circles remain: "
-                         f"{n}.</parser></think><answer>{n}</answer>"), query, aux
-
-
-def make_relation(rng, size):
-    """Squares of distinct colours; is the first named one left of / above the second? Aux: only those two."""
-    grid, cell = 6, size / 6
-    a, b, *others = rng.sample(sorted(COLORS), 2 + rng.randint(1, 3))
-    axis = rng.choice(["left of", "above"])
-    while True:  # the two named squares at least two cells apart on the asked axis
-        cells = _cells(rng, 2 + len(others), grid)
-        k = 1 if axis == "left of" else 0
-        if abs(cells[0][k] - cells[1][k]) >= 2:
-            break
-    query, aux = _canvas(size), _canvas(size)
-    h = max(2, round(cell * 0.4))
-    for i, ((row, col), c) in enumerate(zip(cells, [a, b] + others)):
-        x, y = (col + 0.5) * cell, (row + 0.5) * cell
-        for img in ([query, aux] if i < 2 else [query]):
-            ImageDraw.Draw(img).rectangle([x - h, y - h, x + h, y + h], fill=COLORS[c])
-    k = 1 if axis == "left of" else 0
-    yes = cells[0][k] < cells[1][k]
-    where = {("left of", True): "left of", ("left of", False): "right of", ("above", True): "above",
-             ("above", False): "below"}[axis, yes]
-    return dict(question=f"Is the {a} square {axis} the {b} square?", answer="yes" if yes else "no",
-                response=f"<think>Keep only the {a} and {b} squares. <latent> <parser>the {a} square is {where} the "
-                         f"{b} square.</parser></think><answer>{'yes' if yes else 'no'}</answer>"), query, aux
+    n = rng.randint(0, 5)
+    where = _cells(rng, n + rng.randint(3, 7), g)
+    cells = {p: color for p in where[:n]} | {p: rng.choice(others) for p in where[n:]}
+    query = _paint(_canvas(size), cells)
+    aux = _paint(_canvas(size), {divmod(i, g): color for i in range(n)})
+    return dict(question=f"How many {color} cells are there?", answer=str(n),
+                response=f"<think>Keep only the {color} cells and line them up.<latent> <parser>the {color} cells, "
+                         f"lined up: {n}.</parser></think><answer>{n}</answer>"), query, aux
 
 
 def make_pattern(rng, size):
-    """A 3x3 grid whose rows (or columns) each have one colour, one piece missing; name the missing colour.
-    Aux: the completed grid."""
+    """Every row (or column) has one colour; one cell is missing (white). Name its colour.
+    Aux: the missing cell filled in and zoomed in to the whole image (a crop-and-zoom view)."""
+    g = _grid(size)
     rule = rng.choice(["row", "column"])
-    line_colors = [rng.choice(sorted(COLORS)) for _ in range(3)]
-    missing = (rng.randrange(3), rng.randrange(3))
-    shapes = [[rng.choice(["circle", "square"]) for _ in range(3)] for _ in range(3)]
-    cell, pad = (size - 2) / 3, 1
-    query, aux = _canvas(size), _canvas(size)
-    for r in range(3):
-        for c in range(3):
-            color = COLORS[line_colors[r if rule == "row" else c]]
-            box = [pad + c * cell + 2, pad + r * cell + 2, pad + (c + 1) * cell - 2, pad + (r + 1) * cell - 2]
-            draw = ImageDraw.Draw
-            for img in ([aux] if (r, c) == missing else [query, aux]):
-                (draw(img).ellipse if shapes[r][c] == "circle" else draw(img).rectangle)(box, fill=color)
-            if (r, c) == missing:
-                draw(query).rectangle(box, outline=(0, 0, 0))
-    answer = line_colors[missing[0] if rule == "row" else missing[1]]
-    return dict(question=f"Each {rule} has one colour. What colour is the missing piece?", answer=answer,
-                response=f"<think>Fill in the missing piece. <latent> <parser>the completed grid: the missing piece "
-                         f"is {answer}.</parser></think><answer>{answer}</answer>"), query, aux
+    line = [rng.choice(sorted(COLORS)) for _ in range(g)]
+    hole = (rng.randrange(g), rng.randrange(g))
+    answer = line[hole[0] if rule == "row" else hole[1]]
+    cells = {(r, c): line[r if rule == "row" else c] for r in range(g) for c in range(g) if (r, c) != hole}
+    query = _paint(_canvas(size), cells)
+    aux = Image.new("RGB", (size, size), INK[answer])
+    return dict(question=f"Each {rule} has one colour. What colour is the missing cell?", answer=answer,
+                response=f"<think>Fill in the missing cell and zoom in on it.<latent> <parser>the missing cell is "
+                         f"{answer}.</parser></think><answer>{answer}</answer>"), query, aux
 
 
-MAKERS = dict(count=make_count, relation=make_relation, pattern=make_pattern)
+def make_neighbor(rng, size):
+    """Coloured cells and one black cell; name the colour of the cell right of / below it.
+    Aux: that neighbour, zoomed in to the whole image."""
+    g = _grid(size)
+    side = rng.choice(["right of", "below"])
+    r, c = rng.randrange(g - (side == "below")), rng.randrange(g - (side == "right of"))
+    nb = (r, c + 1) if side == "right of" else (r + 1, c)
+    cells = {p: rng.choice(sorted(COLORS)) for p in _cells(rng, rng.randint(6, 10), g)}
+    cells[nb] = answer = rng.choice(sorted(COLORS))
+    cells[(r, c)] = "black"
+    query = _paint(_canvas(size), cells)
+    aux = Image.new("RGB", (size, size), INK[answer])
+    return dict(question=f"What colour is the cell {side} the black cell?", answer=answer,
+                response=f"<think>Find the black cell and zoom in on the cell {side} it.<latent> <parser>the cell "
+                         f"{side} the black cell is {answer}.</parser></think><answer>{answer}</answer>"), query, aux
+
+
+MAKERS = dict(count=make_count, neighbor=make_neighbor, pattern=make_pattern)
 
 
 def image_key(img):
@@ -221,6 +233,18 @@ def corpus(paths):
 # ----------------------------------------------------------------------------------------------------------
 # pipeline stages, each through the project's own entry points
 
+def scale_vision(model_dir, scale):
+    """Multiply the output layer of the vision tower's patch merger by `scale` (the embeddings scale exactly),
+    so the toy base's vision embeddings sit in a 7B-like norm regime relative to its text embeddings."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    last = model.model.visual.merger.mlp[-1]
+    with torch.no_grad():
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
+    model.save_pretrained(model_dir, safe_serialization=True)
+
 def train_stage(cfg, name, model, data, **kw):
     import train
     tc = train.TrainConfig(model=model, data=data, out_dir=os.path.join(cfg.out, name), global_batch=cfg.batch,
@@ -275,9 +299,10 @@ def evaluate(cfg, ckpt, mode, test_path):
 
 
 def latent_norms(cfg, ckpt, test_path, n=64):
-    """Mean L2 norms at inference on n test prompts: the query-image vision embeddings, and the K latents the
-    model feeds back. Each prompt is ended with <|latent_start|> so every row enters the latent loop (a row
-    that would not choose a latent span on its own still measures the head)."""
+    """Mean L2 norms at inference on n test prompts, decoded greedily as in evaluation: the query-image vision
+    embeddings, and the latents the model feeds back in the spans it opens itself. If no row opens a span,
+    every prompt is ended with <|latent_start|> instead, so the head is still measured (forced=True).
+    Returns (vision, latent, forced)."""
     import torch
     import infer
     from data import collate, open_image, read_jsonl
@@ -286,15 +311,20 @@ def latent_norms(cfg, ckpt, test_path, n=64):
     rows = read_jsonl(test_path, need_response=False)[0][:n]
     batch = collate([runner.encode(open_image(r, "image"), r["question"], r["id"]) for r in rows], tok.pad_token_id,
                     left=True)
-    ids = torch.cat([batch["input_ids"], torch.full((len(rows), 1), gap.start_id)], 1)  # (B, T+1)
-    mask = torch.cat([batch["attention_mask"], torch.ones(len(rows), 1, dtype=torch.long)], 1)
-    out = gap.generate(ids, mask, batch["pixel_values"], batch["image_grid_thw"], max_new_tokens=gap.latent_tokens + 1,
-                       trace=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    for forced in (False, True):
+        if forced:
+            ids = torch.cat([ids, torch.full((len(rows), 1), gap.start_id)], 1)  # (B, T+1)
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
+        out = gap.generate(ids, mask, batch["pixel_values"], batch["image_grid_thw"], stop_ids=runner.stop_ids,
+                           max_new_tokens=gap.latent_tokens + 1 if forced else cfg.max_new_tokens, trace=True)
+        is_latent = out["tokens"][:, :out["embeds"].shape[1]] == gap.pad_id  # (B, S): embeds fed at latent steps
+        if int(is_latent.sum()):
+            break
+    if int(is_latent.sum()) % gap.latent_tokens:
+        raise RuntimeError(f"{int(is_latent.sum())} latents fed, not a multiple of K={gap.latent_tokens}")
     vision = gap.image_features(batch["pixel_values"], batch["image_grid_thw"]).norm(dim=-1).mean().item()
-    is_latent = out["tokens"][:, :out["embeds"].shape[1]] == gap.pad_id  # (B, S): embeds fed at latent steps
-    if int(is_latent.sum()) != len(rows) * gap.latent_tokens:
-        raise RuntimeError(f"expected {len(rows)} x {gap.latent_tokens} latents, got {int(is_latent.sum())}")
-    return vision, out["embeds"][is_latent].norm(dim=-1).mean().item()
+    return vision, out["embeds"][is_latent].norm(dim=-1).mean().item(), forced
 
 
 def plot(results, path):
@@ -332,7 +362,8 @@ def run(cfg: ToyConfig):
     import tiny
     if cfg.quick:
         cfg = dataclasses.replace(cfg, **QUICK)
-    torch.set_num_threads(cfg.threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     t0 = time.time()
     families = tuple(f for f in cfg.families.split(",") if f)
     for f in families:
@@ -347,6 +378,7 @@ def run(cfg: ToyConfig):
     print(f"world: {n_unique} unique (image, question) pairs over train/val/test -> {cfg.out}/data")
     tiny_dir = tiny.build_tiny(os.path.join(cfg.out, "tiny"), cfg.hidden, cfg.layers, seed=cfg.seed,
                                texts=corpus(paths))
+    scale_vision(tiny_dir, cfg.vision_scale)
     base = train_stage(cfg, "base", tiny_dir, paths["train"], latent_tokens=0, train_vision=cfg.base_train_vision,
                        epochs=cfg.base_epochs, lr=cfg.lr, head_lr=cfg.lr)
     K = cfg.latent_tokens
@@ -372,7 +404,7 @@ def run(cfg: ToyConfig):
     runs = dict(base=(ckpts["base"], "model"), model=(ckpts["gap"], "model"), zero=(ckpts["gap"], "zero"),
                 noise=(ckpts["gap"], "noise"), dense_caption=(ckpts["dense_caption"], "model"),
                 hidden=(ckpts["hidden"], "model"))
-    acc, err, per_family, latent_used = {}, {}, {}, {}
+    acc, err, per_family, latent_used, answered = {}, {}, {}, {}, {}
     fam_of = {}
     with open(paths["test"]) as f:
         for line in f:
@@ -384,22 +416,25 @@ def run(cfg: ToyConfig):
         per_family[name] = {f: sum(r["correct"] for r in res if fam_of[r["id"]] == f) /
                             max(1, sum(fam_of[r["id"]] == f for r in res)) for f in families}
         latent_used[name] = sum("<latent>" in r["response"] for r in res) / max(1, len(res))
-    vision, latent_pca = latent_norms(cfg, ckpts["gap"], paths["test"])
-    _, latent_hidden = latent_norms(cfg, ckpts["hidden"], paths["test"])
+        answered[name] = sum("<answer>" in r["response"] for r in res) / max(1, len(res))
+    vision, latent_pca, forced_pca = latent_norms(cfg, ckpts["gap"], paths["test"])
+    _, latent_hidden, forced_hidden = latent_norms(cfg, ckpts["hidden"], paths["test"])
     n_test = len(fam_of)
     results = dict(n_test=n_test, accuracy=acc, stderr=err,
                    pca=dict(k=basis["k"], var=basis["var"], rel_mse=basis["rel_mse"]),
-                   norms=dict(vision_embed=vision, latent_pca=latent_pca, latent_hidden=latent_hidden),
-                   per_family=per_family, latent_rate=latent_used,
+                   norms=dict(vision_embed=vision, latent_pca=latent_pca, latent_hidden=latent_hidden,
+                              forced_pca=forced_pca, forced_hidden=forced_hidden),
+                   per_family=per_family, latent_rate=latent_used, answer_rate=answered,
                    difficulty=dict(n_train=len(scored), n_latent=n_latent, tau=cfg.difficulty_tau, samples=cfg.samples),
                    gaps_in_stderr={m: (acc["model"] - acc[m]) / max(1e-12, math.hypot(err["model"], err[m]))
                                    for m in ("zero", "noise", "dense_caption", "hidden", "base")},
                    config=dataclasses.asdict(cfg), wall_s=round(time.time() - t0, 1))
     atomic_write_text(os.path.join(cfg.out, "results.json"), json.dumps(results, indent=2) + "\n")
     plot(results, os.path.join(cfg.out, "results.png"))
-    print(f"\n{'variant':<14}{'accuracy':>10}{'stderr':>9}{'latent%':>9}  " + "  ".join(f"{f:>8}" for f in families))
+    print(f"\n{'variant':<14}{'accuracy':>10}{'stderr':>9}{'latent%':>9}{'answer%':>9}  " +
+          "  ".join(f"{f:>8}" for f in families))
     for m in MODES:
-        print(f"{m:<14}{acc[m]:>10.4f}{err[m]:>9.4f}{100 * latent_used[m]:>8.0f}%  " +
+        print(f"{m:<14}{acc[m]:>10.4f}{err[m]:>9.4f}{100 * latent_used[m]:>8.0f}%{100 * answered[m]:>8.0f}%  " +
               "  ".join(f"{per_family[m][f]:>8.3f}" for f in families))
     print(f"model - zero = {results['gaps_in_stderr']['zero']:.1f} stderr, model - noise = "
           f"{results['gaps_in_stderr']['noise']:.1f} stderr  (n_test={n_test})")
