@@ -194,7 +194,7 @@ def run(cfg: BenchConfig, attn, rank, world, device, tokenizer):
 def main(cfg: BenchConfig):
     import train
     import tiny
-    from model import atomic_write_text
+    from model import atomic_write_text, attn_implementation
     rank, world, device = train.setup_distributed()
     tokenizer = tiny.build_tokenizer(tiny.corpus_texts())
     if cfg.peak_tflops:
@@ -209,7 +209,7 @@ def main(cfg: BenchConfig):
         peak, peak_note = cpu_peak(), f"measured fp32 matmul on this CPU ({torch.get_num_threads()} threads)"
     rows = []
     for attn in cfg.attn.split(","):
-        if attn == "flash_attention_2" and (device.type != "cuda" or not _imports("flash_attn")):
+        if attn == "flash_attention_2" and attn_implementation() != attn:  # model.py's own choice
             if rank == 0:
                 print("flash_attention_2: skipped (flash_attn does not import here, or no GPU)")
             continue
@@ -235,14 +235,6 @@ def main(cfg: BenchConfig):
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return rows
-
-
-def _imports(module):
-    try:
-        __import__(module)
-        return True
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":
