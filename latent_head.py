@@ -76,6 +76,10 @@ class LatentHead(nn.Module):
         elif kind == "full":
             self.mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
 
+    def config(self) -> dict:
+        """The constructor arguments besides the basis (which travels in the state dict): enough to rebuild it."""
+        return dict(kind=self.kind, d=self.d, adapter_dim=self.adapter_dim)
+
     def extra_repr(self) -> str:
         s = f"kind={self.kind!r}, d={self.d}"
         if self.k is not None:
@@ -130,14 +134,18 @@ class LatentHead(nn.Module):
         return self.reconstruct(c * self.eigenvalues.sqrt())
 
 
-def ema_norm(norms: torch.Tensor, beta: float = 0.9) -> torch.Tensor:
-    """EMA of the L2 norms of the query image's vision embeddings (app. F): initialised from the first norm,
-    then n <- beta * n + (1 - beta) * norm_t token by token. (N,) -> scalar fp32."""
+def ema_norm(norms: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
+    """The running average of the L2 norms of the query image's vision embeddings that calibration rescales
+    latents to (app. F). beta 0 (default): the plain mean over all image tokens, i.e. the whole image.
+    0 < beta < 1: an EMA in raster order, initialised from the first norm, n <- beta * n + (1 - beta) * norm_t;
+    it weighs the last ~1 / (1 - beta) tokens (beta 0.9: the bottom-right ~10 patches). (N,) -> scalar fp32."""
     norms = torch.as_tensor(norms)
     if norms.ndim != 1 or norms.numel() == 0:
         raise ValueError(f"ema_norm expects a non-empty (N,) tensor of norms, got shape {tuple(norms.shape)}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"ema_norm: beta must be in [0, 1], got {beta}")
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"ema_norm: beta must be in [0, 1), got {beta}")
+    if beta == 0.0:
+        return norms.double().mean().to(torch.float32)
     values = norms.detach().double().cpu().tolist()  # a plain fp64 loop: cheap even for ~16K image tokens
     n_ema = values[0]
     for value in values[1:]:
