@@ -17,18 +17,13 @@ import re
 import torch
 from PIL import Image
 
-IGNORE = -100
+from common import BadExamples, DataError, parse_config
+from losses import IGNORE
+
 PLACEHOLDER = "<latent>"
 # a response may also carry an already serialized span; it must hold exactly K pads
 SPAN = re.compile(r"<\|latent_start\|>((?:<\|latent_pad\|>)*)<\|latent_end\|>")
 SYSTEM = "You are a helpful assistant."
-
-
-class DataError(ValueError):
-    """Bad input, with the file, line and field it came from."""
-
-    def __init__(self, file, line, field, msg):
-        super().__init__(f"{file}:{line}: field '{field}': {msg}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -44,19 +39,13 @@ def read_jsonl(path, skip_bad=False, need_response=True, need_answer=False):
     field, unless skip_bad (then it is counted)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: data file not found")
-    rows, seen, skipped = [], {}, 0
+    rows, seen, bad = [], {}, BadExamples(skip_bad)
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(check_row(path, line_no, line, seen, need_response, need_answer))
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                skipped += 1
-                print(f"skipping bad example: {e}")
-    return rows, skipped
+            if line.strip():
+                with bad.guard():
+                    rows.append(check_row(path, line_no, line, seen, need_response, need_answer))
+    return rows, bad.count
 
 
 def check_row(path, line_no, line, seen, need_response=True, need_answer=False):
@@ -194,6 +183,9 @@ class GAPDataset(torch.utils.data.Dataset):
     def __init__(self, path, tokenizer, image_processor, latent_ids, spec: DataSpec, target_cache=None,
                  skip_bad=False):
         self.rows, self.skipped = read_jsonl(path, skip_bad)
+        # True: a bad example comes back as {"id", "error"} instead of raising, so that a DataLoader worker
+        # hands it to the training process, which stops with the one-line message or skips and counts it
+        self.return_errors = False
         self.tokenizer, self.image_processor, self.latent_ids, self.spec = tokenizer, image_processor, latent_ids, spec
         self.targets = target_cache
         self.merge = 2
@@ -209,7 +201,15 @@ class GAPDataset(torch.utils.data.Dataset):
                 and float(row.get("accuracy", 0.0)) <= self.spec.difficulty_tau)
 
     def __getitem__(self, i):
-        row, spec = self.rows[i], self.spec
+        try:
+            return self.example(self.rows[i])
+        except DataError as e:
+            if not self.return_errors:
+                raise
+            return dict(id=self.rows[i]["id"], error=str(e))
+
+    def example(self, row):
+        spec = self.spec
         for n in row.get("_span_pads", []):
             if n != spec.latent_tokens:
                 raise DataError(row["_file"], row["_line"], "response",
@@ -291,6 +291,23 @@ def collate_packed(items):
                 latent_targets=torch.cat(targets) if targets else None)
 
 
+class StepCollate:
+    """collate_fn of the training DataLoader: one step's examples of a rank -> (micro-batches, error messages).
+    Padded micro-batches of `micro_batch` examples, or with pack_len > 0 packed rows of at most pack_len tokens.
+    Runs in the loader's worker processes, so collation overlaps the training step."""
+
+    def __init__(self, pad_id, micro_batch=1, pack_len=0):
+        self.pad_id, self.micro_batch, self.pack_len = pad_id, micro_batch, pack_len
+
+    def __call__(self, items):
+        errors = [it["error"] for it in items if "error" in it]
+        good = [it for it in items if "error" not in it]
+        if self.pack_len:
+            return [collate_packed(row) for row in pack(good, self.pack_len)], errors
+        return [collate(good[j:j + self.micro_batch], self.pad_id)
+                for j in range(0, len(good), self.micro_batch)], errors
+
+
 def encode_prompt(tokenizer, image_processor, image, question, spec: DataSpec, id="0"):
     """One generation prompt (image + question) as a collate()-able item."""
     pixel_values, grid = process_image(image_processor, image, spec.image_min_pixels, spec.image_max_pixels)
@@ -338,7 +355,8 @@ def extract_targets(cfg: TargetsConfig, backbone=None, image_processor=None):
     if backbone is None:
         from model import load_backbone
         backbone, _, image_processor = load_backbone(cfg.model)
-    rows, skipped = read_jsonl(cfg.data, cfg.skip_bad)
+    rows, bad_lines = read_jsonl(cfg.data, cfg.skip_bad)
+    bad = BadExamples(cfg.skip_bad)
     cache = TargetCache(cfg.cache_dir, cfg.latent_tokens)
     todo = [r for r in rows if PLACEHOLDER in r["response"] and r["id"] not in cache]
     os.makedirs(cache.dir, exist_ok=True)
@@ -347,14 +365,9 @@ def extract_targets(cfg: TargetsConfig, backbone=None, image_processor=None):
     for i in tqdm(range(0, len(todo), cfg.batch_size), desc="targets", unit="batch"):
         batch, images = [], []
         for r in todo[i:i + cfg.batch_size]:
-            try:
+            with bad.guard():
                 images.append(open_image(r, "aux_image"))
                 batch.append(r)
-            except DataError as e:
-                if not cfg.skip_bad:
-                    raise
-                skipped += 1
-                print(f"skipping bad example: {e}")
         if batch:
             feats = aux_targets(backbone, image_processor, images, cfg.latent_tokens).cpu()
             shard.update({r["id"]: f.contiguous() for r, f in zip(batch, feats)})
@@ -364,11 +377,12 @@ def extract_targets(cfg: TargetsConfig, backbone=None, image_processor=None):
             save_file(shard, path + ".tmp")
             os.replace(path + ".tmp", path)
             shard, shard_no = {}, shard_no + 1
+    skipped = bad_lines + bad.count
     print(f"targets: {extracted} extracted, {len(rows) - len(todo)} already cached or text-only, "
           f"{skipped} skipped -> {cache.dir}")
     return skipped
 
 
 if __name__ == "__main__":
-    from model import parse_config
-    extract_targets(parse_config(TargetsConfig))
+    from common import run_main
+    run_main(extract_targets, parse_config(TargetsConfig))

@@ -14,9 +14,10 @@ from dataclasses import field
 
 import torch
 
-from data import DataError, DataSpec, collate, encode_prompt, open_image, read_jsonl
-from difficulty import answers_match, extract_answer
-from model import atomic_write_text, load_checkpoint, parse_config
+from answers import answers_match, extract_answer
+from common import BadExamples, atomic_write_text, parse_config, run_main
+from data import DataSpec, collate, encode_prompt, open_image, read_jsonl
+from model import load_checkpoint
 
 
 @dataclasses.dataclass
@@ -31,6 +32,9 @@ class InferConfig:
                                                         "choices": ["model", "zero", "noise"]})
     norm_calib: str = field(default="none", metadata={"help": "EMA norm calibration of latents (paper table 1)",
                                                       "choices": ["none", "ema"]})
+    ema_beta: float = field(default=0.0, metadata={"help": "norm_calib ema: 0 = mean norm of the whole query image; "
+                                                          "else an EMA in raster order with this beta",
+                                                  "range": (0.0, 0.999999)})
     max_new_tokens: int = field(default=1024, metadata={"help": "generated tokens per answer, latents included"})
     temperature: float = field(default=0.0, metadata={"help": "0: greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
@@ -54,12 +58,13 @@ class Runner:
         """Responses (latent spans shown as <latent>) for a list of encode_prompt() items."""
         batch = collate(items, self.tokenizer.pad_token_id, left=True)
         dev = self.gap.backbone.device
-        out = self.gap.generate(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                                batch["pixel_values"].to(dev), batch["image_grid_thw"].to(dev),
-                                max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                top_p=self.cfg.top_p, latent_mode=self.cfg.latent_mode,
-                                norm_calib=self.cfg.norm_calib, stop_ids=self.stop_ids, generator=self.generator)
-        return [self.gap.decode(self.tokenizer, row) for row in out["tokens"].cpu()]
+        tokens = self.gap.generate(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                                   batch["pixel_values"].to(dev), batch["image_grid_thw"].to(dev),
+                                   max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                   top_p=self.cfg.top_p, latent_mode=self.cfg.latent_mode,
+                                   norm_calib=self.cfg.norm_calib, ema_beta=self.cfg.ema_beta, stop_ids=self.stop_ids,
+                                   generator=self.generator)
+        return [self.gap.decode(self.tokenizer, row) for row in tokens.cpu()]
 
     def encode(self, image, question, id="0"):
         return encode_prompt(self.tokenizer, self.image_processor, image, question, self.spec, id)
@@ -69,7 +74,8 @@ def run_batch(cfg: InferConfig, runner: Runner):
     """Evaluate on a JSONL; resumable (ids already in the results file are skipped)."""
     from tqdm import tqdm
     out = cfg.out or os.path.join(cfg.ckpt, f"results_{cfg.latent_mode}.jsonl")
-    rows, skipped = read_jsonl(cfg.data, cfg.skip_bad, need_response=False)
+    rows, bad_lines = read_jsonl(cfg.data, cfg.skip_bad, need_response=False)
+    bad = BadExamples(cfg.skip_bad)
     done = {}
     if os.path.exists(out):
         with open(out) as f:
@@ -87,14 +93,9 @@ def run_batch(cfg: InferConfig, runner: Runner):
         for i in tqdm(range(0, len(todo), cfg.batch_size), desc=f"infer[{cfg.latent_mode}]", unit="batch"):
             items, batch_rows = [], []
             for r in todo[i:i + cfg.batch_size]:
-                try:
+                with bad.guard():
                     items.append(runner.encode(open_image(r, "image"), r["question"], r["id"]))
                     batch_rows.append(r)
-                except DataError as e:
-                    if not cfg.skip_bad:
-                        raise
-                    skipped += 1
-                    print(f"skipping bad example: {e}")
             if not items:
                 continue
             for r, response in zip(batch_rows, runner.answer(items)):
@@ -106,6 +107,7 @@ def run_batch(cfg: InferConfig, runner: Runner):
                 f.write(json.dumps(result) + "\n")
             f.flush()
             os.fsync(f.fileno())
+    skipped = bad_lines + bad.count
     scored = [r for r in done.values() if r["correct"] is not None]
     acc = sum(r["correct"] for r in scored) / max(len(scored), 1)
     summary = dict(ckpt=cfg.ckpt, data=cfg.data, latent_mode=cfg.latent_mode, norm_calib=cfg.norm_calib,
@@ -130,4 +132,4 @@ def main(cfg: InferConfig):
 
 
 if __name__ == "__main__":
-    main(parse_config(InferConfig))
+    run_main(main, parse_config(InferConfig))

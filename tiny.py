@@ -1,6 +1,6 @@
 """A tiny random Qwen2.5-VL and an offline tokenizer, saved as an ordinary model directory, so that everything
 (train.py, infer.py, the tests) runs on a CPU with no download through the same code path as real weights.
-Also writes a small sample data set in the GAP JSONL format (GAP_SPEC "Data") to try the pipeline on.
+Also writes a small sample data set in the GAP JSONL format (paper appendix I; README "Data format") to try the pipeline on.
 
     python tiny.py --out out/tiny --sample_data out/sample     # then: python train.py --model out/tiny ...
 """
@@ -85,26 +85,28 @@ def build_tokenizer(texts, vocab_size=600):
                                    additional_special_tokens=QWEN_SPECIALS[1:])
 
 
-def tiny_config(tokenizer, hidden=64, layers=2):
-    """Qwen2.5-VL config with the real architecture (M-RoPE, window attention, 2x2 patch merger) at toy size.
+def tiny_config(tokenizer, hidden=64, layers=2, text=None, vision=None, attn=None):
+    """Qwen2.5-VL config with the real architecture (M-RoPE, window attention, 2x2 patch merger), at toy size
+    unless `text` / `vision` override fields of the text and vision configs (bench.py builds its small and
+    Qwen2.5-VL-7B shapes this way); `attn` is the attention implementation (None: transformers' default).
     vocab_size leaves room above the tokenizer, as Qwen2.5-VL-7B's does."""
     from transformers import Qwen2_5_VLConfig
-    heads = 4
-    half = hidden // heads // 2  # rotary half-dim, split over the (t, h, w) M-RoPE sections
-    section = [half - 2 * (half // 3), half // 3, half // 3]
     ids = tokenizer.convert_tokens_to_ids
+    special = dict(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
     vocab = (len(tokenizer) + 63) // 64 * 64 + 64
-    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=4096,
-                rope_scaling={"type": "mrope", "mrope_section": section}, tie_word_embeddings=False,
-                bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"))
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+    text = {**dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                   tie_word_embeddings=False, **special), **(text or {})}
+    half = text["hidden_size"] // text["num_attention_heads"] // 2  # rotary half-dim, split over (t, h, w)
+    section = [16, 24, 24] if half == 64 else [half - 2 * (half // 3), half // 3, half // 3]  # 64: Qwen's own
+    text.setdefault("rope_scaling", {"type": "mrope", "mrope_section": section})
+    vision = {**dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
+                     patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                     fullatt_block_indexes=[1]), **(vision or {})}
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
                             video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
                             vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False,
-                            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-                            pad_token_id=ids("<|endoftext|>"))
+                            attn_implementation=attn, **special)
 
 
 def build_tiny(out_dir, hidden=64, layers=2, vocab=600, seed=0, texts=None):
@@ -123,7 +125,7 @@ def build_tiny(out_dir, hidden=64, layers=2, vocab=600, seed=0, texts=None):
 
 
 if __name__ == "__main__":
-    from model import parse_config
+    from common import parse_config
     cfg = parse_config(TinyConfig)
     print(f"tiny model -> {build_tiny(cfg.out, cfg.hidden, cfg.layers, cfg.vocab, cfg.seed)}")
     if cfg.sample_data:

@@ -255,34 +255,19 @@ def train_stage(cfg, name, model, data, **kw):
 
 
 def difficulty(cfg, ckpt, data, out_path):
-    """accuracy = fraction of N sampled base answers (image + question only) that match `answer`."""
-    import torch
-    from tqdm import tqdm
-    from data import collate, encode_prompt, open_image, read_jsonl, DataSpec
-    from difficulty import answers_match, extract_answer
-    from model import load_checkpoint
-    gap, tok, proc, _ = load_checkpoint(ckpt)
-    rows, _ = read_jsonl(data)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    spec = DataSpec(latent_tokens=0)
-    bs = max(1, cfg.eval_batch // cfg.samples)
-    out = []
-    for i in tqdm(range(0, len(rows), bs), desc=f"difficulty[N={cfg.samples}]", unit="batch"):
-        chunk = rows[i:i + bs]
-        batch = collate([encode_prompt(tok, proc, open_image(r, "image"), r["question"], spec, r["id"])
-                         for r in chunk], tok.pad_token_id, left=True)
-        toks = gap.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                            batch["image_grid_thw"], max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.difficulty_temperature, num_samples=cfg.samples, stop_ids=stop,
-                            generator=gen)["tokens"]
-        for b, r in enumerate(chunk):
-            preds = [extract_answer(gap.decode(tok, toks[b * cfg.samples + j])) for j in range(cfg.samples)]
-            acc = sum(answers_match(p, r["answer"], r["question"]) for p in preds) / cfg.samples
-            out.append({k: v for k, v in r.items() if not k.startswith("_")} | dict(accuracy=acc))
-    with open(out_path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in out)
-    return out
+    """difficulty.py on the base checkpoint: accuracy = fraction of N sampled base answers (image + question
+    only) that match `answer`. Returns the scored rows."""
+    import difficulty as difficulty_py
+    for path in (out_path, *difficulty_py.output_paths(out_path)[1:]):
+        if os.path.exists(path):
+            os.remove(path)  # a fresh measurement, not a resume of an older run
+    for path in difficulty_py.part_files(difficulty_py.output_paths(out_path)[0]):
+        os.remove(path)
+    difficulty_py.main(difficulty_py.DifficultyConfig(
+        model=ckpt, data=data, out=out_path, samples=cfg.samples, temperature=cfg.difficulty_temperature,
+        max_new_tokens=cfg.max_new_tokens, batch_size=max(1, cfg.eval_batch // cfg.samples), seed=cfg.seed))
+    with open(out_path) as f:
+        return [json.loads(line) for line in f]
 
 
 def evaluate(cfg, ckpt, mode, test_path):
@@ -305,6 +290,7 @@ def latent_norms(cfg, ckpt, test_path, n=64):
     Returns (vision, latent, forced)."""
     import torch
     import infer
+    import latent_loop
     from data import collate, open_image, read_jsonl
     runner = infer.Runner(infer.InferConfig(ckpt=ckpt, seed=cfg.seed))
     gap, tok = runner.gap, runner.tokenizer
@@ -316,15 +302,20 @@ def latent_norms(cfg, ckpt, test_path, n=64):
         if forced:
             ids = torch.cat([ids, torch.full((len(rows), 1), gap.start_id)], 1)  # (B, T+1)
             mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
-        out = gap.generate(ids, mask, batch["pixel_values"], batch["image_grid_thw"], stop_ids=runner.stop_ids,
-                           max_new_tokens=gap.latent_tokens + 1 if forced else cfg.max_new_tokens, trace=True)
-        is_latent = out["tokens"][:, :out["embeds"].shape[1]] == gap.pad_id  # (B, S): embeds fed at latent steps
-        if int(is_latent.sum()):
+        steps = latent_loop.latent_steps(gap.backbone, gap.head, gap.latent_ids, gap.latent_tokens, ids, mask,
+                                         batch["pixel_values"], batch["image_grid_thw"], stop_ids=runner.stop_ids,
+                                         max_new_tokens=gap.latent_tokens + 1 if forced else cfg.max_new_tokens)
+        # the vectors fed at latent slots: rows in a span (slot 0..K-1) at steps that fed anything
+        latents = [s.fed[(s.slot >= 0) & (s.slot < gap.latent_tokens)] for s in steps if s.fed is not None]
+        latents = torch.cat(latents) if latents else torch.zeros(0)
+        if len(latents):
             break
-    if int(is_latent.sum()) % gap.latent_tokens:
-        raise RuntimeError(f"{int(is_latent.sum())} latents fed, not a multiple of K={gap.latent_tokens}")
-    vision = gap.image_features(batch["pixel_values"], batch["image_grid_thw"]).norm(dim=-1).mean().item()
-    return vision, out["embeds"][is_latent].norm(dim=-1).mean().item(), forced
+    if len(latents) % gap.latent_tokens:
+        raise RuntimeError(f"{len(latents)} latents fed, not a multiple of K={gap.latent_tokens}")
+    with torch.no_grad():
+        embeds = gap.embed(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])  # (B, T, D)
+    vision = embeds[batch["input_ids"] == gap.image_token_id].norm(dim=-1).mean().item()
+    return vision, latents.norm(dim=-1).mean().item(), forced
 
 
 def plot(results, path):
@@ -354,10 +345,12 @@ def plot(results, path):
 
 
 def run(cfg: ToyConfig):
+    """The pipeline, stage after stage as the module docstring lists them (one long function on purpose: it is
+    the recipe). Writes results.json and results.png under cfg.out and returns the results."""
     import torch
     import pca as pca_lib
     from data import TargetsConfig, TargetCache, extract_targets
-    from model import atomic_write_text
+    from common import atomic_write_text
     from train import fit_basis
     import tiny
     if cfg.quick:
@@ -444,5 +437,5 @@ def run(cfg: ToyConfig):
 
 
 if __name__ == "__main__":
-    from model import parse_config
-    run(parse_config(ToyConfig))
+    from common import parse_config, run_main
+    run_main(run, parse_config(ToyConfig))

@@ -14,9 +14,7 @@ import dataclasses
 import math
 import os
 import random
-import shutil
 import time
-import warnings
 from dataclasses import field
 
 import torch
@@ -24,16 +22,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pca as pca_lib
-from data import DataError, DataSpec, GAPDataset, TargetCache, collate, collate_packed, pack
+from common import BadExamples, all_reduce, parse_config, run_main, setup_distributed
+from data import DataSpec, GAPDataset, StepCollate, TargetCache
 from latent_head import LatentHead
-from model import GAP, add_latent_tokens, load_backbone, parse_config, replace_dir, save_checkpoint
+from losses import IGNORE, total_loss
+from model import GAP, add_latent_tokens, export, find_state, load_backbone, load_state, save_state
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Train GAP on Qwen2.5-VL."""
     model: str = field(default="", metadata={"help": "base model directory or hub id"})
-    data: str = field(default="", metadata={"help": "training JSONL (GAP_SPEC 'Data')"})
+    data: str = field(default="", metadata={"help": "training JSONL (paper appendix I; README 'Data format')"})
     target_cache: str = field(default="cache", metadata={"help": "latent targets written by data.py"})
     out_dir: str = field(default="out/gap", metadata={"help": "final checkpoint directory (infer.py --ckpt)"})
     latent_tokens: int = field(default=36, metadata={"help": "K latents per span, a perfect square; 0 = dense caption"})
@@ -67,34 +67,9 @@ class TrainConfig:
     state_dir: str = field(default="", metadata={"help": "where the resumable state goes (empty: OUT_DIR.state)"})
     resume: bool = field(default=False, metadata={"help": "continue from the state in state_dir"})
     skip_bad: bool = field(default=False, metadata={"help": "skip and count bad examples instead of stopping"})
-
-
-# ----------------------------------------------------------------------------------------------------------
-# distributed setup and collectives
-
-def setup_distributed():
-    """(rank, world, device). One process without torchrun; a process group (nccl on GPU, gloo on CPU) under it."""
-    if "RANK" not in os.environ:
-        return 0, 1, (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
-    local = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def all_reduce(values, device, op=None):
-    """Sum (or `op`) a list of numbers over ranks with one all_reduce."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank (0: load in the "
+                                                          "training process)", "range": (0, 64)})
+    log_every: int = field(default=10, metadata={"help": "print a log line every N steps", "range": (1, None)})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,153 +150,63 @@ def lr_factor(step, total, warmup_ratio):
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# one optimizer step
+class StepSampler(torch.utils.data.Sampler):
+    """The DataLoader's batch sampler: for each step from `start` to `total`, this rank's share of that step's
+    global batch. The order is a function of (seed, epoch) alone, so a resumed run draws the same batches."""
 
-def load_micro_batches(dataset, indices, micro_batch, pad_id, skip_bad, pack_len=0):
-    """This rank's examples for one step as micro-batches: padded batches of micro_batch, or (pack_len > 0)
-    packed rows of at most pack_len tokens. Bad examples raise, or are counted with skip_bad."""
-    items, skipped = [], 0
-    for i in indices:
-        try:
-            items.append(dataset[i])
-        except DataError as e:
-            if not skip_bad:
-                raise
-            skipped += 1
-            print(f"skipping bad example: {e}")
-    if pack_len:
-        return [collate_packed(row) for row in pack(items, pack_len)], skipped
-    return [collate(items[j:j + micro_batch], pad_id) for j in range(0, len(items), micro_batch)], skipped
+    def __init__(self, n, global_batch, rank, world, seed, start, total):
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start, self.total = seed, start, total
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __iter__(self):
+        steps_per_epoch = self.n // self.global_batch
+        for step in range(self.start, self.total):
+            epoch, i = divmod(step, steps_per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            yield perm[i * self.global_batch:(i + 1) * self.global_batch][self.rank::self.world]
 
 
-def train_step(model, micro_batches, cfg, device, world):
-    """Forward/backward over this rank's micro-batches for one optimizer step. The loss is normalized by the
-    *global* number of supervised tokens and latent slots (known from the labels before any forward), times
-    world size because DDP and FSDP average gradients over ranks; gradients sync only on the last micro-step.
-    Ranks may hold different numbers of micro-batches (packing, skipped examples), but FSDP gathers parameters
-    in every forward: a rank with fewer repeats its last one with weight 0 so all run the same count.
-    Returns the step's global (lm_sum, n_lm, latent_sum, n_latent, n_tokens)."""
-    n_lm = sum(float((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
-    n_latent = sum(float(mb["latent_targets"].shape[0]) if mb["latent_targets"] is not None else 0.0
-                   for mb in micro_batches)
-    n_lm, n_latent = all_reduce([n_lm, n_latent], device)
-    (n_micro,) = all_reduce([len(micro_batches)], device, dist.ReduceOp.MAX if dist.is_initialized() else None)
-    if not micro_batches:
-        raise ValueError(f"rank {dist.get_rank() if dist.is_initialized() else 0} has no valid example this step")
-    fsdp = hasattr(model, "set_requires_gradient_sync")
-    lm_sum = latent_sum = n_tokens = 0.0
-    for j in range(int(n_micro)):
-        last, weight = j == n_micro - 1, float(j < len(micro_batches))
-        mb = micro_batches[min(j, len(micro_batches) - 1)]
-        if fsdp:
-            model.set_requires_gradient_sync(last)
-        elif isinstance(model, DDP):
-            model.require_backward_grad_sync = last
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in mb.items() if k != "ids"}
-        # DDP on GPU: bf16 autocast over fp32 weights; FSDP2 gathers bf16 weights itself (shard())
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and not fsdp):
-            out = model(**batch, scheduled_sampling=cfg.scheduled_sampling)
-        loss = (out["lm_sum"] / max(n_lm, 1) + cfg.lambda_latent * out["latent_sum"] / max(n_latent, 1)) * world
-        (loss * weight).backward()
-        if weight:
-            lm_sum, latent_sum = lm_sum + out["lm_sum"].item(), latent_sum + out["latent_sum"].item()
-            n_tokens += batch["input_ids"].numel() if mb["attention_mask"] is None else float(mb["attention_mask"].sum())
-    lm_sum, latent_sum, n_tokens = all_reduce([lm_sum, latent_sum, n_tokens], device)
-    return lm_sum, n_lm, latent_sum, n_latent, n_tokens
+def set_grad_sync(model, sync):
+    """Reduce gradients across ranks in this backward (the last micro-step) or not (the others)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    elif isinstance(model, DDP):
+        model.require_backward_grad_sync = sync
+
+
+def to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "ids"}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# resumable state (sharded, atomic) and the final export
+# the loop
 
 # flags that set the data order, the schedule or the model: a resumed run must keep them
 RESUME_FIXED = ("data", "seed", "global_batch", "epochs", "max_steps", "latent_tokens", "latent_head",
                 "difficulty_tau", "lr", "head_lr", "warmup_ratio", "adapter_dim")
 
 
-def save_state(path, gap, opt, sched, step, skipped, basis, rank, cfg):
-    """Everything --resume needs: model and optimizer through torch.distributed.checkpoint (each rank writes its
-    own shards; DDP replicas are written once), scheduler and data position (the step: the data order is a
-    function of seed and epoch), bad-example count, PCA basis, and each rank's RNG states. All of it goes to
-    PATH.tmp first, then replaces PATH (model.replace_dir): a crash mid-save leaves the previous state whole."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    tmp = path.rstrip("/") + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    model_state, optim_state = get_state_dict(gap, opt)
-    with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group, as meant
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(dict(model=model_state, optim=optim_state), checkpoint_id=tmp, no_dist=not dist.is_initialized())
-    torch.save(dict(cpu=torch.get_rng_state(), python=random.getstate(),
-                    cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None),
-               os.path.join(tmp, f"rng_rank{rank}.pt"))
-    barrier()
-    if rank == 0:
-        torch.save(dict(step=step, scheduler=sched.state_dict(), skipped=skipped, config=dataclasses.asdict(cfg)),
-                   os.path.join(tmp, "meta.pt"))
-        if basis is not None:
-            pca_lib.save(os.path.join(tmp, "pca.safetensors"), basis)
-        replace_dir(tmp, path)
-    barrier()
+def schedule(cfg, world, n_examples):
+    """(optimizer steps, tokens per packed row or 0), after checking that the batch flags fit together."""
+    pack_len = (cfg.pack_len or cfg.max_len) if cfg.pack else 0
+    if cfg.global_batch % world or (not cfg.pack and (cfg.global_batch // world) % cfg.micro_batch):
+        raise ValueError(f"global_batch {cfg.global_batch} must split into {world} rank(s)"
+                         + ("" if cfg.pack else f" x micro-batches of {cfg.micro_batch}"))
+    if pack_len and pack_len < cfg.max_len:
+        raise ValueError(f"--pack_len {pack_len} < --max_len {cfg.max_len}: a long example would not fit a row")
+    steps_per_epoch = n_examples // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"global_batch {cfg.global_batch} > {n_examples} examples in {cfg.data}")
+    total = steps_per_epoch * cfg.epochs
+    return (min(cfg.max_steps, total) if cfg.max_steps else total), pack_len
 
-
-def find_state(path):
-    """The state directory to resume from: PATH, or PATH.old after a crash between replace_dir's two renames."""
-    for p in (path, path.rstrip("/") + ".old"):
-        if os.path.exists(os.path.join(p, "meta.pt")):
-            return p
-    raise FileNotFoundError(f"--resume: no saved state in {path} (train with --save_every N to write one)")
-
-
-def load_state(path, gap, opt, sched, rank, cfg):
-    """Inverse of save_state(); returns (step, skipped). DCP reshards, so the world size may change, but then
-    the RNG streams of the new ranks start from the seed."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
-    changed = [f"--{k} {meta['config'][k]!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIXED
-               if meta["config"][k] != getattr(cfg, k)]
-    if changed:
-        raise ValueError(f"--resume from {path}: these flags differ from the saved run: {', '.join(changed)}")
-    model_state, optim_state = get_state_dict(gap, opt)
-    state = dict(model=model_state, optim=optim_state)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    set_state_dict(gap, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    sched.load_state_dict(meta["scheduler"])
-    rng_path = os.path.join(path, f"rng_rank{rank}.pt")
-    if os.path.exists(rng_path):
-        rng = torch.load(rng_path, weights_only=False)
-        torch.set_rng_state(rng["cpu"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    else:
-        print(f"rank {rank}: no RNG state in {path} (saved with fewer ranks): RNG streams restart from the seed")
-    return meta["step"], meta["skipped"]
-
-
-def export(gap, tokenizer, image_processor, out_dir, gap_config, basis, rank, fsdp):
-    """The infer.py checkpoint (model.save_checkpoint). Under FSDP2 every rank takes part in gathering the
-    full state dict, which only rank 0 holds (on CPU) and writes."""
-    state_dict = None
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state_dict = get_model_state_dict(gap, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        save_checkpoint(gap, tokenizer, image_processor, out_dir, gap_config, basis, state_dict=state_dict)
-    barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the loop
 
 def main(cfg: TrainConfig):
-    from tqdm import tqdm
+    """The whole run, top to bottom as in nanoGPT's train.py (so over 60 lines): setup, resume, the step loop
+    with its micro-steps, export. Returns dict(losses=[(L_LM, L_latent) per step], step_s=[seconds per step])."""
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -330,68 +215,85 @@ def main(cfg: TrainConfig):
     saved_basis = os.path.join(resume_from, "pca.safetensors") if resume_from else ""
     gap, tokenizer, image_processor, dataset, basis = build(
         cfg, device, rank, world, pca_lib.load(saved_basis) if os.path.exists(saved_basis) else None)
-    pack_len = (cfg.pack_len or cfg.max_len) if cfg.pack else 0
-    per_rank = cfg.global_batch // world
-    if cfg.global_batch % world or (not cfg.pack and per_rank % cfg.micro_batch):
-        raise ValueError(f"global_batch {cfg.global_batch} must split into {world} rank(s)"
-                         + ("" if cfg.pack else f" x micro-batches of {cfg.micro_batch}"))
-    if pack_len and pack_len < cfg.max_len:
-        raise ValueError(f"--pack_len {pack_len} < --max_len {cfg.max_len}: a long example would not fit a row")
-    steps_per_epoch = len(dataset) // cfg.global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"global_batch {cfg.global_batch} > {len(dataset)} examples in {cfg.data}")
-    total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    total, pack_len = schedule(cfg, world, len(dataset))
     model = wrap(gap, cfg, device, world)
     opt = optimizer_for(gap, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_ratio))
-    n_latent_rows = sum(dataset.keeps_latent(r) for r in dataset.rows)
+    run_config = dict(dataclasses.asdict(cfg), **dataclasses.asdict(dataset.spec))
+    step, skipped = load_state(resume_from, gap, opt, sched, rank, run_config, RESUME_FIXED) if resume_from else (0, 0)
+    dataset.return_errors = True  # bad examples reach this process as messages: stop on them, or skip and count
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepSampler(len(dataset), cfg.global_batch, rank, world, cfg.seed, step, total),
+        collate_fn=StepCollate(tokenizer.pad_token_id, cfg.micro_batch, pack_len), num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda", prefetch_factor=2 if cfg.num_workers else None)
     if rank == 0:
-        attn = gap.backbone.config._attn_implementation
-        print(f"attention: {attn}" + (" (flash_attn not importable)" if attn != "flash_attention_2" else "")
-              + (f"; packed rows of {pack_len} tokens" if pack_len else ""))
-        print(f"{len(dataset)} examples ({n_latent_rows} with latent supervision at tau={cfg.difficulty_tau}, "
-              f"{dataset.skipped} bad lines skipped), {world} rank(s){' FSDP2' if cfg.fsdp else ' DDP' if world > 1 else ''}, "
-              f"{total} steps of {cfg.global_batch}, K={cfg.latent_tokens}, head={gap.head.kind}"
-              + (f" k={basis['k']}" if basis else ""))
-    gap_config = dict(dataclasses.asdict(cfg), **dataclasses.asdict(dataset.spec))
-    step, skipped = 0, 0
-    if resume_from:
-        step, skipped = load_state(resume_from, gap, opt, sched, rank, cfg)
-        if rank == 0:
-            print(f"resumed from {resume_from} at step {step}")
-    losses, bar = [], tqdm(total=total, initial=step, disable=rank != 0, desc="train")
+        print(start_line(cfg, gap, dataset, basis, world, total, pack_len)
+              + (f"\nresumed from {resume_from} at step {step}" if resume_from else ""), flush=True)
+    bad, losses, step_s, window_tokens = BadExamples(cfg.skip_bad), [], [], 0.0
+    t0 = t_log = time.time()
     gap.train()
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        mine = perm[k * cfg.global_batch:(k + 1) * cfg.global_batch][rank::world]
-        micro, bad = load_micro_batches(dataset, mine, cfg.micro_batch, tokenizer.pad_token_id, cfg.skip_bad,
-                                        pack_len)
-        (bad,) = all_reduce([bad], device)
-        skipped += int(bad)
-        t0 = time.time()
-        lm_sum, n_lm, latent_sum, n_latent, n_tokens = train_step(model, micro, cfg, device, world)
+    for micro, errors in loader:  # this rank's examples of one step, loaded and collated by the workers
+        for message in errors:
+            bad.add(message)  # raises DataError (all ranks then stop), or with --skip_bad counts it
+        if not micro:
+            raise ValueError(f"rank {rank} has no valid example at step {step}")
+        # the loss is normalized by the global number of supervised tokens and latent slots of the step (not by
+        # the number of micro-steps): answers have different lengths, and ranks hold different examples
+        n_lm = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
+        n_latent = sum(len(mb["latent_targets"]) for mb in micro if mb["latent_targets"] is not None)
+        n_lm, n_latent, n_bad = all_reduce([n_lm, n_latent, bad.count], device)
+        (n_micro,) = all_reduce([len(micro)], device, dist.ReduceOp.MAX if dist.is_initialized() else None)
+        lm_sum = latent_sum = n_tokens = 0.0
+        for j in range(int(n_micro)):
+            # FSDP gathers parameters in every forward, so all ranks run n_micro of them: a rank with fewer
+            # micro-batches (packing, skipped examples) repeats its last one with weight 0
+            weight, mb = float(j < len(micro)), to_device(micro[min(j, len(micro) - 1)], device)
+            set_grad_sync(model, j == n_micro - 1)  # reduce gradients on the last micro-step only
+            # DDP on GPU: bf16 autocast over fp32 weights; FSDP2 gathers bf16 weights itself (shard())
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and not cfg.fsdp):
+                out = model(**mb, scheduled_sampling=cfg.scheduled_sampling)
+            # x world: DDP and FSDP average gradients over ranks, the global normalization already did
+            loss = total_loss(out, n_lm, n_latent, cfg.lambda_latent) * world
+            (loss * weight).backward()
+            lm_sum += weight * out["lm_sum"].item()
+            latent_sum += weight * out["latent_sum"].item()
+            n_tokens += weight * (mb["input_ids"].numel() if mb["attention_mask"] is None else mb["attention_mask"].sum().item())
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(gap.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        bar.update(1)
+        lm_sum, latent_sum, n_tokens = all_reduce([lm_sum, latent_sum, n_tokens], device)
         losses.append((lm_sum / max(n_lm, 1), latent_sum / max(n_latent, 1)))
-        bar.set_postfix(loss_lm=f"{losses[-1][0]:.4f}", loss_latent=f"{losses[-1][1]:.4f}",
-                        lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{n_tokens / (time.time() - t0):.0f}")
+        step_s.append(time.time() - t0)  # the whole step, waiting for its data included
+        t0, window_tokens = time.time(), window_tokens + n_tokens
+        if rank == 0 and (step % cfg.log_every == 0 or step == total):
+            print(f"step {step}/{total} | loss_lm {losses[-1][0]:.4f} | loss_latent {losses[-1][1]:.4f} | "
+                  f"lr {sched.get_last_lr()[0]:.2e} | {window_tokens / (t0 - t_log):.0f} tok/s", flush=True)
+            t_log, window_tokens = t0, 0.0
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            save_state(state_dir, gap, opt, sched, step, skipped, basis, rank, cfg)
-    bar.close()
-    export(gap, tokenizer, image_processor, cfg.out_dir, dict(gap_config, step=step), basis, rank, cfg.fsdp)
+            save_state(state_dir, gap, opt, sched, step, skipped + int(n_bad), basis, rank, run_config)
+    skipped += int(all_reduce([bad.count], device)[0])
+    export(gap, tokenizer, image_processor, cfg.out_dir, dict(run_config, step=step), basis, rank, cfg.fsdp)
     if rank == 0:
         print(f"done: {step} steps, {skipped} bad examples skipped, checkpoint -> {cfg.out_dir}")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return losses
+    return dict(losses=losses, step_s=step_s)
+
+
+def start_line(cfg, gap, dataset, basis, world, total, pack_len):
+    attn = gap.backbone.config._attn_implementation
+    n_latent_rows = sum(dataset.keeps_latent(r) for r in dataset.rows)
+    return (f"attention: {attn}" + (" (flash_attn not importable)" if attn != "flash_attention_2" else "")
+            + (f"; packed rows of {pack_len} tokens" if pack_len else "") + "\n"
+            + f"{len(dataset)} examples ({n_latent_rows} with latent supervision at tau={cfg.difficulty_tau}, "
+            f"{dataset.skipped} bad lines skipped), {world} rank(s)"
+            f"{' FSDP2' if cfg.fsdp else ' DDP' if world > 1 else ''}, {total} steps of {cfg.global_batch}, "
+            f"K={cfg.latent_tokens}, head={gap.head.kind}" + (f" k={basis['k']}" if basis else ""))
 
 
 if __name__ == "__main__":
-    main(parse_config(TrainConfig))
+    run_main(main, parse_config(TrainConfig))
