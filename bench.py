@@ -1,26 +1,44 @@
-"""Training-step benchmark: tokens/s, model FLOPs utilization (MFU) and peak memory of train.py's own step
-(GAP.forward + train.train_step + AdamW, wrapped as train.py wraps it) on a randomly initialized Qwen2.5-VL,
-padded micro-batches against packed rows on the same length mix, for each attention backend that is available.
+"""Benchmarks of the two hot loops, on randomly initialized Qwen2.5-VL models (no files, no download).
+
+--mode train (default): tokens/s, model FLOPs utilization (MFU) and peak memory of train.py's own step
+(GAP.forward + train.train_step + AdamW, wrapped as train.py wraps it), padded micro-batches against packed rows
+on the same length mix, for each attention backend that is available.
 
     python bench.py                                   # tiny shapes on the CPU (what the README reports)
     python bench.py --shapes small                    # a mid-size model that still runs on a CPU
     torchrun --nproc_per_node 1 bench.py --shapes 7b --layers 8 --fsdp --grad_ckpt   # 7B shapes on one GPU
 
-Shapes `7b` are Qwen2.5-VL-7B's (hidden 3584, intermediate 18944, 28 heads / 4 KV heads, vocab 152064; vision
-tower 32 blocks of 1280) with --layers decoder layers (as many as fit). Synthetic examples: an image of U{a..b}
-merged vision tokens, a response of log-normal length, one latent span of K slots; no files, no download.
+--mode sample: samples/s of difficulty.py's sampler, GAP.generate(num_samples=N) on a batch of prompts -- each
+prompt prefilled once, its KV cache repeated into N decode rows -- against a plain loop of N separate batch-1
+generate calls per prompt, on a tiny random Qwen2.5-VL (tiny.build_tiny) in a temp dir.
+
+    OMP_NUM_THREADS=1 python bench.py --mode sample                                  # 56 px images: 4 image tokens
+    OMP_NUM_THREADS=1 python bench.py --mode sample --image_side 448 --hidden 256    # 256 image tokens
+
+Training shapes (tiny.tiny_config with SHAPES' overrides): `7b` are Qwen2.5-VL-7B's (hidden 3584, intermediate
+18944, 28 heads / 4 KV heads, vocab 152064; vision tower 32 blocks of 1280) with --layers decoder layers (as many
+as fit). Synthetic examples: an image of U{a..b} merged vision tokens, a response of log-normal length, one
+latent span of K slots.
 
 MFU = model FLOPs / (time x peak). Model FLOPs per example of T tokens, counted on real tokens only (padding
 is waste, not work): 3 x decoder forward [L x (2 x dense params per layer x T + 2 x T^2 x d causal attention)]
-+ 6 x d x V per supervised token (the LM head runs only there) + 2 x vision params x patches (the frozen
-vision tower runs forward only). Activation recomputation is not counted. Peak: bf16 dense peak of the GPU
-(table below), or on a CPU the measured throughput of a large fp32 matmul (said in the output).
++ 6 x d x V per supervised token (the LM head runs only there) + 2 x vision block params x patches (the frozen
+vision tower runs forward only; its patch embedding, merger and attention are left out). Activation
+recomputation is not counted. test_bench.py checks this against torch's FlopCounterMode. Peak: bf16 dense peak of
+the GPU (table below), or on a CPU the measured throughput of a large fp32 matmul (said in the output).
+
+Sampling: every row generates exactly max_new_tokens tokens (no stop ids), so all variants do the same decode
+work. Rows: the loop (N calls per prompt); one call per prompt with the prompt repeated N times (batched decode,
+N prefills); one call per prompt with num_samples=N (shared prefill); one call for all prompts with
+num_samples=N (what difficulty.py runs).
 """
 import dataclasses
 import json
 import math
+import os
 import random
 import resource
+import tempfile
 import time
 from dataclasses import field
 
@@ -31,9 +49,15 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # 
 
 @dataclasses.dataclass
 class BenchConfig:
-    """Benchmark train.py's training step: padded vs packed, per attention backend."""
+    """Benchmark train.py's training step (padded vs packed, per attention backend) or difficulty.py's sampler."""
+    mode: str = field(default="train", metadata={"help": "train: the training step; sample: shared-prefill "
+                                                         "sampling; loader: train.py with 0 vs N DataLoader workers",
+                                                 "choices": ["train", "sample", "loader"]})
+    layers: int = field(default=0, metadata={"help": "decoder layers (0: the shape's own; 7b: 28; sample: tiny's 2)"})
+    seed: int = field(default=0, metadata={"help": "weights, length mix and sampling"})
+    out: str = field(default="", metadata={"help": "also write the results here as JSON"})
+    # --mode train
     shapes: str = field(default="tiny", metadata={"help": "model shapes", "choices": ["tiny", "small", "7b"]})
-    layers: int = field(default=0, metadata={"help": "decoder layers (0: the shape's own; 7b: 28)"})
     vision_depth: int = field(default=0, metadata={"help": "vision blocks (0: the shape's own; 7b: 32)"})
     latent_tokens: int = field(default=36, metadata={"help": "K latent slots per example"})
     examples: int = field(default=16, metadata={"help": "examples per optimizer step (per rank)"})
@@ -45,8 +69,18 @@ class BenchConfig:
     fsdp: bool = field(default=False, metadata={"help": "wrap with FSDP2 as train.py --fsdp does (bf16 on GPU)"})
     grad_ckpt: bool = field(default=False, metadata={"help": "activation checkpointing per decoder block"})
     peak_tflops: float = field(default=0.0, metadata={"help": "peak for MFU (0: GPU table, or measured CPU matmul)"})
-    seed: int = field(default=0, metadata={"help": "weights and length mix"})
-    out: str = field(default="", metadata={"help": "also write the results here as JSON"})
+    # --mode sample
+    samples: int = field(default=8, metadata={"help": "N samples per prompt"})
+    prompts: int = field(default=4, metadata={"help": "prompts per batched call"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per sample (all rows, no stop)"})
+    image_side: int = field(default=56, metadata={"help": "query image side in px (28 px = one image token)"})
+    hidden: int = field(default=64, metadata={"help": "tiny model width"})
+    repeats: int = field(default=3, metadata={"help": "timed repeats per variant (the best is reported)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda (train mode: cuda when there is one)"})
+    # --mode loader (also uses micro_batch, steps, warmup, hidden, layers)
+    workers: int = field(default=2, metadata={"help": "DataLoader workers to compare with 0"})
+    loader_image: int = field(default=896, metadata={"help": "side in px of the PNGs written for the loader mode"})
+    loader_pixels: int = field(default=448 * 448, metadata={"help": "image_max_pixels given to train.py"})
 
 
 # shape -> (text, vision, image tokens range, median response tokens)
@@ -66,21 +100,15 @@ SHAPES = {
 
 
 def make_config(cfg: BenchConfig, tokenizer, attn):
-    from transformers import Qwen2_5_VLConfig
+    """The shape's Qwen2.5-VL config (tiny.tiny_config with SHAPES' overrides), --layers and --vision_depth applied."""
+    import tiny
     text, vision, _, _ = SHAPES[cfg.shapes]
+    depth = cfg.vision_depth or vision["depth"]
     text = dict(text, num_hidden_layers=cfg.layers or text["num_hidden_layers"], rope_theta=1e6,
-                max_position_embeddings=32768, tie_word_embeddings=False)
-    half = text["hidden_size"] // text["num_attention_heads"] // 2  # 7b: 64 -> Qwen2.5-VL's own [16, 24, 24]
-    section = [16, 24, 24] if half == 64 else [half - 2 * (half // 3), half // 3, half // 3]
-    text["rope_scaling"] = {"type": "mrope", "mrope_section": section}
-    vision = dict(vision, depth=cfg.vision_depth or vision["depth"], out_hidden_size=text["hidden_size"],
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112)
-    vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision["depth"]]
-    ids = tokenizer.convert_tokens_to_ids
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
-                            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                            vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False,
-                            attn_implementation=attn)
+                max_position_embeddings=32768)
+    vision = dict(vision, depth=depth, window_size=112,
+                  fullatt_block_indexes=[i for i in vision["fullatt_block_indexes"] if i < depth])
+    return tiny.tiny_config(tokenizer, text=text, vision=vision, attn=attn)
 
 
 def length_mix(cfg: BenchConfig, tokenizer, latent_ids, n, rng):
@@ -176,10 +204,7 @@ def run(cfg: BenchConfig, attn, rank, world, device, tokenizer):
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
-            train.train_step(model, micro, tcfg, device, world)
-            torch.nn.utils.clip_grad_norm_(gap.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(model, gap, opt, micro, tcfg, device, world)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / cfg.steps
@@ -191,11 +216,30 @@ def run(cfg: BenchConfig, attn, rank, world, device, tokenizer):
     return results, config
 
 
-def main(cfg: BenchConfig):
+def train_step(model, gap, opt, micro, tcfg, device, world):
+    """One optimizer step on ready micro-batches, as train.main runs it (see the loop there): sync on the last
+    micro-step, loss normalized by the global counts, weight-0 repeats so ranks run the same number of forwards."""
     import train
+    from common import all_reduce
+    from losses import IGNORE, total_loss
+    n_lm = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
+    n_latent = sum(len(mb["latent_targets"]) for mb in micro if mb["latent_targets"] is not None)
+    n_lm, n_latent = all_reduce([n_lm, n_latent], device)
+    (n_micro,) = all_reduce([len(micro)], device, torch.distributed.ReduceOp.MAX if world > 1 else None)
+    for j in range(int(n_micro)):
+        train.set_grad_sync(model, j == n_micro - 1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and not tcfg.fsdp):
+            out = model(**train.to_device(micro[min(j, len(micro) - 1)], device))
+        (total_loss(out, n_lm, n_latent, tcfg.lambda_latent) * world * float(j < len(micro))).backward()
+    torch.nn.utils.clip_grad_norm_(gap.parameters(), tcfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def bench_train(cfg: BenchConfig):
     import tiny
-    from model import atomic_write_text, attn_implementation
-    rank, world, device = train.setup_distributed()
+    from common import atomic_write_text, attn_implementation, setup_distributed
+    rank, world, device = setup_distributed()
     tokenizer = tiny.build_tokenizer(tiny.corpus_texts())
     if cfg.peak_tflops:
         peak, peak_note = cfg.peak_tflops * 1e12, "given"
@@ -237,6 +281,121 @@ def main(cfg: BenchConfig):
     return rows
 
 
+def best_time(fn, repeats, device):
+    """Seconds of the fastest of `repeats` timed calls of fn, after one untimed warm-up call."""
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_sample(cfg: BenchConfig):
+    """Time the four sampling variants (module docstring) on one tiny model; returns one row per variant."""
+    from PIL import Image
+
+    import tiny
+    from common import atomic_write_text
+    from data import DataSpec, collate, encode_prompt
+    from difficulty import load_scorer
+    layers = cfg.layers or SHAPES["tiny"][0]["num_hidden_layers"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny.build_tiny(os.path.join(tmp, "tiny"), hidden=cfg.hidden, layers=layers, seed=cfg.seed)
+        gap, tokenizer, image_processor = load_scorer(os.path.join(tmp, "tiny"), cfg.device)
+    side = cfg.image_side
+    spec = DataSpec(latent_tokens=0, image_min_pixels=side * side, image_max_pixels=side * side)
+    questions = [q.split(". ")[0] + "?" for q in tiny.corpus_texts()[::10]][:cfg.prompts]
+    items = [encode_prompt(tokenizer, image_processor,
+                           Image.new("RGB", (side, side), (40 * i % 255, 90, 200)), q, spec, str(i))
+             for i, q in enumerate(questions)]
+    dev, n = gap.backbone.device, cfg.samples
+
+    def batch(its):
+        b = collate(its, tokenizer.pad_token_id, left=True)
+        return [b[k].to(dev) for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")]
+
+    singles = [batch([it]) for it in items]
+    repeated = [batch([it] * n) for it in items]
+    together = batch(items)
+    gen = torch.Generator(dev).manual_seed(cfg.seed)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=1.0, generator=gen)  # no stop ids: full length
+
+    def call(args, rows, **extra):
+        tokens = gap.generate(*args, **kw, **extra)
+        if tokens.shape != (rows, cfg.max_new_tokens):
+            raise RuntimeError(f"generate gave {tuple(tokens.shape)} tokens, not ({rows}, {cfg.max_new_tokens})")
+
+    variants = {
+        f"loop: {n} x generate(1 prompt)": lambda: [call(s, 1) for s in singles for _ in range(n)],
+        f"generate({n} copies of 1 prompt)": lambda: [call(r, n) for r in repeated],
+        f"generate(1 prompt, num_samples={n})": lambda: [call(s, n, num_samples=n) for s in singles],
+        f"generate({cfg.prompts} prompts, num_samples={n})": lambda: call(together, cfg.prompts * n, num_samples=n),
+    }
+    n_prompt = together[0].shape[1]
+    print(f"tiny Qwen2.5-VL (hidden {cfg.hidden}, {layers} layers) on {cfg.device} "
+          f"({torch.get_num_threads()} threads): {cfg.prompts} prompts of ~{n_prompt} tokens "
+          f"({side}x{side} px image), N={n}, {cfg.max_new_tokens} new tokens per sample")
+    print(f"{'variant':<42} {'seconds':>8} {'samples/s':>10} {'speedup':>8}")
+    rows, base = [], None
+    for name, fn in variants.items():
+        t = best_time(fn, cfg.repeats, cfg.device)
+        rate = cfg.prompts * n / t
+        base = base or rate
+        rows.append(dict(variant=name, seconds=t, samples_per_s=rate, speedup=rate / base))
+        print(f"{name:<42} {t:>8.3f} {rate:>10.1f} {rate / base:>7.1f}x")
+    if cfg.out:
+        atomic_write_text(cfg.out, json.dumps(dict(config=dataclasses.asdict(cfg), device=cfg.device,
+                                                   threads=torch.get_num_threads(), rows=rows), indent=2) + "\n")
+    return rows
+
+
+def bench_loader(cfg: BenchConfig):
+    """train.main itself on PNGs written here (one query image each, K=0 so no target cache), with 0 and with
+    cfg.workers DataLoader workers: the mean step time after warm-up, waiting for data included."""
+    import numpy as np
+    from PIL import Image
+    import tiny
+    import train
+    rng = np.random.default_rng(cfg.seed)
+    n = cfg.micro_batch * (cfg.warmup + cfg.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = tiny.build_tiny(os.path.join(tmp, "tiny"), hidden=cfg.hidden, layers=cfg.layers or 2)
+        os.makedirs(os.path.join(tmp, "img"))
+        with open(os.path.join(tmp, "train.jsonl"), "w") as f:
+            for i in range(n):  # noise compresses badly: a PNG as costly to decode as a photo of that size
+                side = cfg.loader_image
+                pixels = rng.integers(0, 256, (side, side * 3 // 4, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(tmp, "img", f"{i}.png"))
+                f.write(json.dumps(dict(id=str(i), image=f"img/{i}.png", question="How many red circles are there?",
+                                        response="<think>I need to count the red circles.</think><answer>3</answer>",
+                                        answer="3")) + "\n")
+        rows = []
+        for workers in (0, cfg.workers):
+            run = train.main(train.TrainConfig(
+                model=model_dir, data=os.path.join(tmp, "train.jsonl"), latent_tokens=0, global_batch=cfg.micro_batch,
+                micro_batch=cfg.micro_batch, epochs=1, image_max_pixels=cfg.loader_pixels, num_workers=workers,
+                out_dir=os.path.join(tmp, "out"), log_every=10 ** 6, seed=cfg.seed))
+            times = run["step_s"][cfg.warmup:]
+            rows.append(dict(workers=workers, step_s=sum(times) / len(times), steps=len(times)))
+    print(f"train.py, tiny Qwen2.5-VL (hidden {cfg.hidden}, {cfg.layers or 2} layers), {cfg.micro_batch} images per "
+          f"micro-batch ({cfg.loader_image}x{cfg.loader_image * 3 // 4} px PNGs, max_pixels {cfg.loader_pixels}), "
+          f"{torch.get_num_threads()} torch threads")
+    for r in rows:
+        print(f"num_workers {r['workers']}: {r['step_s']:.3f} s/step (mean of {r['steps']} steps after {cfg.warmup} warm-up)")
+    print(f"speed-up with {cfg.workers} workers: {rows[0]['step_s'] / rows[1]['step_s']:.2f}x")
+    return rows
+
+
+def main(cfg: BenchConfig):
+    return dict(sample=bench_sample, loader=bench_loader, train=bench_train)[cfg.mode](cfg)
+
+
 if __name__ == "__main__":
-    from model import parse_config
+    from common import parse_config
     main(parse_config(BenchConfig))

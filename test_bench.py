@@ -1,0 +1,91 @@
+"""Tests of bench.py: its 7b shapes are Qwen2.5-VL-7B's, its FLOP formula (the numerator of MFU) equals an
+independent count of a real training pass, and --mode sample runs. Tiny random models built here, no download.
+
+    python -m pytest -q test_bench.py
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+import bench
+import tiny
+from model import add_latent_tokens
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_7b_shapes_are_qwen25_vl_7b():
+    """Built through tiny.tiny_config on the meta device, bench's 7b shapes have Qwen2.5-VL-7B's exact parameter
+    count and its own M-RoPE sections."""
+    tokenizer = tiny.build_tokenizer(tiny.corpus_texts())
+    config = bench.make_config(bench.BenchConfig(shapes="7b"), tokenizer, "sdpa")
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    assert sum(p.numel() for p in model.parameters()) == 8_292_166_656
+    assert config.text_config.rope_parameters["mrope_section"] == [16, 24, 24]
+
+
+def measured_flops(model, items):
+    """FlopCounterMode's per-module counts of one training pass over `items` as bench times it: one example at a
+    time (no padding), the frozen vision tower forward only, the LM head only at supervised positions."""
+    with FlopCounterMode(display=False) as counter:
+        for it in items:
+            sup = torch.nonzero(it["labels"][1:] != -100)[:, 0]  # position t predicts token t + 1
+            logits = model(input_ids=it["input_ids"][None], pixel_values=it["pixel_values"],
+                           image_grid_thw=it["image_grid_thw"], logits_to_keep=sup).logits  # (1, n_sup, V)
+            F.cross_entropy(logits[0], it["labels"][sup + 1]).backward()
+    return {module: {str(op).removeprefix("aten."): n for op, n in ops.items()}
+            for module, ops in counter.get_flop_counts().items()}
+
+
+def test_model_flops_matches_flop_counter():
+    """bench.model_flops on the tiny shapes equals torch's FlopCounterMode around a real forward + backward of the
+    same model on the same items, term by term, with nothing left over but the vision parts the formula omits."""
+    torch.manual_seed(0)
+    tokenizer = tiny.build_tokenizer(tiny.corpus_texts())
+    cfg = bench.BenchConfig(shapes="tiny", latent_tokens=4)
+    # eager attention: its score and value matmuls are bmm's the counter sees (CPU SDPA is not in its registry)
+    config = bench.make_config(cfg, tokenizer, "eager")
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    items = bench.length_mix(cfg, tokenizer, add_latent_tokens(model, tokenizer), 3, random.Random(0))
+    model.model.visual.requires_grad_(False)  # as bench.run: the frozen tower has no backward
+    counts = measured_flops(model, items)
+    root = "Qwen2_5_VLForConditionalGeneration"
+    decoder, head = counts[f"{root}.model.language_model"], counts[f"{root}.lm_head"]
+    blocks = [counts[f"{root}.model.visual.blocks.{i}"] for i in range(config.vision_config.depth)]
+    assert set(decoder) == {"mm", "addmm", "bmm"} and set(head) == {"mm"}, (decoder, head)
+    # the counter counts eager attention's full T x T scores (the causal mask is added, not skipped); the formula
+    # counts the causal half, so the decoder's bmm's (its attention and nothing else) are halved
+    independent = (decoder["mm"] + decoder["addmm"] + decoder["bmm"] / 2 + head["mm"]
+                   + sum(b.get("mm", 0) + b.get("addmm", 0) for b in blocks))  # vision: the blocks' linears
+    formula = bench.model_flops(config, items)
+    assert formula == independent, f"bench.model_flops {formula:.6g} != FlopCounterMode {independent:.6g}"
+    # all the rest the counter saw is the vision tower's patch embedding, merger and window attention, which the
+    # formula leaves out (at these tiny shapes they are large next to the 2-block tower; at 7B shapes small)
+    vision = counts[f"{root}.model.visual"]
+    omitted = sum(vision.values()) - sum(b.get("mm", 0) + b.get("addmm", 0) for b in blocks)
+    total = sum(counts["Global"].values()) - decoder["bmm"] / 2
+    assert total == formula + omitted, (total, formula, omitted)
+    print(f"model_flops {formula:.6g} == counted {independent:.6g}; vision patch embed + merger + attention "
+          f"{omitted:.6g} ({omitted / formula:.1%} of the formula) left out")
+
+
+def test_sample_mode(tmp_path):
+    """`bench.py --mode sample` at tiny size: four variants, each with a positive rate, the loop as the baseline."""
+    out = tmp_path / "sample.json"
+    p = subprocess.run([sys.executable, "bench.py", "--mode", "sample", "--samples", "2", "--prompts", "2",
+                        "--max_new_tokens", "4", "--repeats", "1", "--out", str(out)], cwd=HERE, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["loop: 2 x generate(1 prompt)", "generate(2 copies of 1 prompt)",
+                                            "generate(1 prompt, num_samples=2)", "generate(2 prompts, num_samples=2)"]
+    assert all(r["seconds"] > 0 and r["samples_per_s"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
+    assert all(r["variant"] in p.stdout for r in rows) and "samples/s" in p.stdout
