@@ -287,7 +287,8 @@ def test_head_ema_norm():
     # beta weights the running average: [1, 10] -> 0.9 * 1 + 0.1 * 10 = 1.9 (a flipped beta would give 9.1)
     assert abs(float(ema_norm(torch.tensor([1.0, 10.0]), beta=0.9)) - 1.9) < 1e-6
     assert abs(float(ema_norm(torch.tensor([10.0, 1.0]), beta=0.9)) - 9.1) < 1e-6  # order matters
-    assert float(ema_norm(torch.tensor([3.0, 5.0, 8.0]), beta=0.0)) == 8.0  # beta=0: the last token only
+    # beta=0 (the default): the plain mean of all tokens, the whole image (an EMA at 0.9 would give ~the last)
+    assert abs(float(ema_norm(torch.tensor([3.0, 5.0, 8.0, 20.0]))) - 9.0) < 1e-6
     norms = torch.rand(100, generator=torch.Generator().manual_seed(0)) + 1
     want = norms[0].item()
     for value in norms[1:].tolist():
@@ -295,6 +296,8 @@ def test_head_ema_norm():
     assert abs(float(ema_norm(norms, beta=0.8)) - want) < 1e-5
     with pytest.raises(ValueError):
         ema_norm(torch.tensor([]))
+    with pytest.raises(ValueError, match="beta"):
+        ema_norm(norms, beta=1.0)
 
 
 def test_head_calibrate():
@@ -308,4 +311,3 @@ def test_head_calibrate():
     assert calibrate(v.to(torch.bfloat16), 1.0).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="target_norm"):
         calibrate(v, torch.ones(5))
-    assert latent_head.KINDS == ("pca", "full", "hidden")

@@ -9,62 +9,65 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 import pca as pca_lib
+from conftest import ENV, HERE, K, make_gap, write_jsonl
 from data import DataSpec, GAPDataset, collate, collate_packed, pack
-from test_gap import ENV, HERE, K, make_gap, world  # noqa: F401  (world: the session fixture)
 
 DRIVER = """
 import json, os, signal, sys
-import torch, torch.distributed as dist
-import train
+import torch
+import data, model, train
+from common import run_main
 mode, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+rank = int(os.environ.get("RANK", 0))
 cfg = train.parse_config(train.TrainConfig, argv)
-if mode == "grads":  # one optimizer step's gradients, gathered to full tensors on rank 0
-    rank, world, device = train.setup_distributed()
-    torch.manual_seed(0)
-    g, tok, _, ds, _ = train.build(cfg, device, rank, world)
-    g.train()
-    model = train.wrap(g, cfg, device, world)
-    idx = [0, 2, 1, 6][rank::world]  # uneven lengths; packed at 200 tokens: 2 rows on rank 0, 1 on rank 1
-    micro, _ = train.load_micro_batches(ds, idx, cfg.micro_batch, tok.pad_token_id, False,
-                                        cfg.pack_len if cfg.pack else 0)
+real_collate = data.StepCollate.__call__
+def collate(self, items):  # runs in this process with --num_workers 0
+    micro, errors = real_collate(self, items)
     print(f"rank {rank}: {len(micro)} micro-batches", flush=True)
-    train.train_step(model, micro, cfg, device, world)
-    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-             for n, p in g.named_parameters() if p.grad is not None}
-    if rank == 0:
-        torch.save(grads, out)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    print(f"driver done on rank {rank}", flush=True)
+    return micro, errors
+data.StepCollate.__call__ = collate
+if mode == "grads":  # the first optimizer step's gradients, gathered to full tensors, saved by rank 0
+    real_optimizer_for = train.optimizer_for
+    def optimizer_for(gap, cfg):
+        opt = real_optimizer_for(gap, cfg)
+        def save_grads(optimizer, args, kwargs):  # runs before opt.step()
+            grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                     for n, p in gap.named_parameters() if p.grad is not None}
+            if rank == 0 and not os.path.exists(out):
+                torch.save(grads, out)
+        opt.register_step_pre_hook(save_grads)
+        return opt
+    train.optimizer_for = optimizer_for
+    train.main(cfg)
 else:  # train.main, SIGKILLed on rank 0 after the state of step N is saved, or in the middle of that save
     kill = os.environ.get("KILL", "")
     if kill:
         where, at = kill.split(":")
-        real_save, real_replace = train.save_state, train.replace_dir
+        real_save, real_replace = train.save_state, model.replace_dir
         def save_state(path, gap, opt, sched, step, *a):
             real_save(path, gap, opt, sched, step, *a)
-            if where == "after_save" and step == int(at) and int(os.environ["RANK"]) == 0:
+            if where == "after_save" and step == int(at) and rank == 0:
                 os.kill(os.getpid(), signal.SIGKILL)
         def replace_dir(tmp, path):  # rank 0 only, once the whole state is in tmp
             if where == "mid_save" and torch.load(os.path.join(tmp, "meta.pt"))["step"] == int(at):
                 os.kill(os.getpid(), signal.SIGKILL)
             real_replace(tmp, path)
-        train.save_state, train.replace_dir = save_state, replace_dir
-    losses = train.main(cfg)
-    if int(os.environ.get("RANK", 0)) == 0:
+        train.save_state, model.replace_dir = save_state, replace_dir
+    losses = run_main(train.main, cfg)["losses"]  # as train.py's __main__ runs it
+    if rank == 0:
         with open(out, "w") as f:
             json.dump(losses, f)
-    print(f"driver done on rank {os.environ.get('RANK', 0)}", flush=True)
+print(f"driver done on rank {rank}", flush=True)
 """
 
 
-def torchrun(args, nproc=2, expect_ok=True, env=None):
+def torchrun(args, nproc=2, expect_ok=True, env=None, timeout=600):
     """Launch the driver under torchrun (nproc > 1) or plain python. About 1 launch in 5 on the 2-core CI box a
     gloo rank aborts in C++ teardown ("terminate called without an active exception", SIGABRT) after the
     process group is destroyed; a launch in which every rank got past its work (printed "driver done") and
@@ -72,7 +75,7 @@ def torchrun(args, nproc=2, expect_ok=True, env=None):
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                 if nproc > 1 else [sys.executable])
     p = subprocess.run(launcher + list(map(str, args)), cwd=HERE, env=dict(ENV, **(env or {})),
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=timeout)
     done = all(f"driver done on rank {r}" in p.stdout for r in range(nproc))
     teardown_abort = "terminate called without an active exception" in p.stdout + p.stderr
     if expect_ok:
@@ -87,7 +90,7 @@ def setup(world, tmp_path_factory):
     pca_lib.save(str(tmp / "pca.safetensors"), world["basis"])  # one basis for every run
     args = ["--model", world["model"], "--data", world["data"], "--target_cache", str(world["root"] / "cache"),
             "--latent_tokens", str(K), "--adapter_dim", "16", "--pca_path", str(tmp / "pca.safetensors"),
-            "--lr", "1e-3", "--head_lr", "1e-3", "--max_len", "200"]
+            "--lr", "1e-3", "--head_lr", "1e-3", "--max_len", "200", "--num_workers", "0"]
     return dict(tmp=tmp, driver=tmp / "driver.py", args=args)
 
 
@@ -95,11 +98,15 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
+GRADS = ["--global_batch", "4", "--max_steps", "1", "--grad_clip", "0"]  # the first step of 4 examples, unclipped
+
+
 @pytest.fixture(scope="module")
 def reference_grads(setup):
-    """1 process, the whole batch of 4 as 2 padded micro-batches of 2."""
+    """1 process, the step's 4 examples as 2 padded micro-batches of 2."""
     out = setup["tmp"] / "grads_one.pt"
-    torchrun([setup["driver"], "grads", out, *setup["args"], "--micro_batch", "2"], nproc=1)
+    torchrun([setup["driver"], "grads", out, *setup["args"], *GRADS, "--micro_batch", "2",
+              "--out_dir", setup["tmp"] / "one"], nproc=1)
     return torch.load(out)
 
 
@@ -108,12 +115,14 @@ def reference_grads(setup):
                                    ["--fsdp", "--grad_ckpt", "--micro_batch", "1"]],
                          ids=["ddp", "fsdp", "fsdp-packed", "ddp-packed", "fsdp-grad_ckpt"])
 def test_two_ranks_give_the_gradients_of_one_process(setup, reference_grads, flags):
-    """Global-token normalization across micro-steps and ranks; with packing the ranks hold different numbers
-    of rows (2 and 1), so this also covers the zero-weight filler step that keeps FSDP's collectives aligned."""
-    out = setup["tmp"] / f"grads_{'_'.join(flags)}.pt"
-    p = torchrun([setup["driver"], "grads", out, *setup["args"], *flags])
+    """Global-token normalization across micro-steps and ranks; with packing one rank holds 2 rows and the
+    other 1, so this also covers the zero-weight filler step that keeps FSDP's collectives aligned."""
+    name = "_".join(f.strip("-") for f in flags)
+    out = setup["tmp"] / f"grads_{name}.pt"
+    p = torchrun([setup["driver"], "grads", out, *setup["args"], *GRADS, *flags, "--out_dir", setup["tmp"] / name])
     if "--pack" in flags:
-        assert "rank 0: 2 micro-batches" in p.stdout and "rank 1: 1 micro-batches" in p.stdout, p.stdout
+        counts = sorted(int(line.split()[2]) for line in p.stdout.splitlines() if line.endswith("micro-batches"))
+        assert counts == [1, 2], p.stdout  # one rank packs its 2 examples into 2 rows, the other into 1
     two = torch.load(out)
     assert two.keys() == reference_grads.keys() and any(k.startswith("head.") for k in two)
     for name, g in reference_grads.items():  # per tensor: entries that cancel to ~0 differ by summation order
@@ -207,30 +216,12 @@ def test_fsdp_export_matches_ddp_and_loads(straight):
     Qwen2_5_VLForConditionalGeneration.from_pretrained(str(straight["fsdp"]["out"]))
 
 
-def test_bench_shapes_and_step():
-    """bench.py's 7b shapes are Qwen2.5-VL-7B's (its exact parameter count, built on the meta device), and a tiny
-    run times both layouts on the same examples."""
-    import bench
-    import tiny
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    tokenizer = tiny.build_tokenizer(tiny.corpus_texts())
-    with torch.device("meta"):
-        m = Qwen2_5_VLForConditionalGeneration(bench.make_config(bench.BenchConfig(shapes="7b"), tokenizer, "sdpa"))
-    assert sum(p.numel() for p in m.parameters()) == 8_292_166_656
-    rows = bench.main(bench.BenchConfig(examples=4, micro_batch=2, steps=1, warmup=0, latent_tokens=4,
-                                        attn="sdpa", peak_tflops=1.0))
-    by = {r["layout"]: r for r in rows}
-    assert by.keys() == {"padded", "packed"} and by["padded"]["tokens"] == by["packed"]["tokens"]
-    assert by["packed"]["slots"] == by["packed"]["tokens"] < by["padded"]["slots"]
-    assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in rows)
-
-
 def test_resume_refuses_changed_flags_and_missing_state(setup, tmp_path):
     """One process: --resume without a saved state, or with a flag that changes the data order or schedule,
     fails naming what is wrong instead of continuing a different run."""
     import dataclasses
     import train
-    from model import parse_config
+    from common import parse_config
     cfg = parse_config(train.TrainConfig, [*setup["args"], "--global_batch", "4", "--max_steps", "2",
                                            "--save_every", "1", "--out_dir", str(tmp_path / "gap")])
     with pytest.raises(FileNotFoundError, match="no saved state"):
@@ -238,4 +229,28 @@ def test_resume_refuses_changed_flags_and_missing_state(setup, tmp_path):
     train.main(cfg)
     with pytest.raises(ValueError, match=r"--global_batch 4 -> 6"):
         train.main(dataclasses.replace(cfg, resume=True, global_batch=6))
-    assert len(train.main(dataclasses.replace(cfg, resume=True))) == 1  # the state of step 1 of 2
+    assert len(train.main(dataclasses.replace(cfg, resume=True))["losses"]) == 1  # the state of step 1 of 2
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "skip_bad"])
+def test_a_rank_that_raises_stops_every_rank(world, setup, tmp_path, mode):
+    """A bad example drawn by one rank only (missing image, found when the step's examples load): every rank
+    exits non-zero within the timeout and the message names file, line and field, instead of the other rank
+    waiting in a collective. With --skip_bad the run finishes and reports the example as skipped."""
+    rows = [json.loads(line) for line in open(world["data"])]
+    rows[5]["image"] = "img/missing.png"
+    os.symlink(os.path.join(os.path.dirname(world["data"]), "img"), tmp_path / "img")
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    args = [a if a != world["data"] else data for a in setup["args"]]
+    t0 = time.time()
+    p = torchrun([setup["driver"], "train", tmp_path / "losses.json", *args, "--global_batch", "4", "--epochs", "1",
+                  "--out_dir", tmp_path / "gap", "--num_workers", "1"] + {"ddp": [], "fsdp": ["--fsdp"],
+                                                                           "skip_bad": ["--skip_bad"]}[mode],
+                 expect_ok=mode == "skip_bad", timeout=300)
+    if mode == "skip_bad":
+        assert "done: 3 steps, 1 bad examples skipped" in p.stdout, p.stdout
+        return
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and time.time() - t0 < 240
+    assert f"error: {data}:6: field 'image': image file not found" in out, out[-3000:]
+    assert "driver done" not in out
