@@ -181,11 +181,11 @@ class GAPDataset(torch.utils.data.Dataset):
     """Training examples: prompt + serialized response, labels, query-image pixels and latent targets."""
 
     def __init__(self, path, tokenizer, image_processor, latent_ids, spec: DataSpec, target_cache=None,
-                 skip_bad=False):
+                 skip_bad=False, return_errors=False):
         self.rows, self.skipped = read_jsonl(path, skip_bad)
         # True: a bad example comes back as {"id", "error"} instead of raising, so that a DataLoader worker
         # hands it to the training process, which stops with the one-line message or skips and counts it
-        self.return_errors = False
+        self.return_errors = return_errors
         self.tokenizer, self.image_processor, self.latent_ids, self.spec = tokenizer, image_processor, latent_ids, spec
         self.targets = target_cache
         self.merge = 2

@@ -3,7 +3,8 @@ entropy over the assistant tokens, and the latent MSE with its one-position shif
 into another codebase as it is (the states come from any decoder; the head is any callable h_bar -> v).
 
     sums = gap_losses(h_bar, labels, input_ids, latent_ids, head, lm_head, latent_targets)
-    loss = total_loss(sums, n_lm, n_latent, lambda_latent)   # n_*: counts over the whole (global) batch
+    loss = total_loss(sums, n_lm, n_latent, lambda_latent)   # n_*: counts over the whole (global) batch:
+    # n_lm = lm_targets(labels, input_ids, latent_ids).sum(), n_latent = (input_ids == latent_ids["pad"]).sum()
 
 The shift: position t predicts what sits at t + 1. For text that is the next token; for a latent slot it is
 the slot's input vector, so slot t's latent is head(h_bar[t - 1]) (the <|latent_start|> position for the first
@@ -11,10 +12,17 @@ slot), exactly what the generation loop feeds. Positions whose next token is <|l
 carry no LM loss (the loop writes those tokens; it never samples them); <|latent_start|> is an LM target (the
 model decides when to enter a span).
 """
-import torch
 import torch.nn.functional as F
 
 IGNORE = -100  # label of a position that carries no LM loss
+
+
+def lm_targets(labels, input_ids, latent_ids):
+    """(B, T-1) bool: positions t whose next token t + 1 carries LM loss (it has a label and the loop does not
+    write it itself). Its sum is n_lm, the count L_LM is normalized by."""
+    next_ids = input_ids[:, 1:]
+    written_by_loop = (next_ids == latent_ids["pad"]) | (next_ids == latent_ids["end"])
+    return (labels[:, 1:] != IGNORE) & ~written_by_loop
 
 
 def gap_losses(h_bar, labels, input_ids, latent_ids, head, lm_head, latent_targets=None):
@@ -24,12 +32,10 @@ def gap_losses(h_bar, labels, input_ids, latent_ids, head, lm_head, latent_targe
       lm_sum     = sum of next-token CE over positions with a label (n_lm of them),
       latent_sum = sum over latent slots of MSE(head(h_bar[t - 1]), v_t) averaged over D, in fp32 (n_latent)."""
     h_prev = h_bar[:, :-1]  # (B, T-1, D): position t predicts token / slot t + 1
-    next_ids, next_labels = input_ids[:, 1:], labels[:, 1:]
-    written_by_loop = (next_ids == latent_ids["pad"]) | (next_ids == latent_ids["end"])
-    supervised = (next_labels != IGNORE) & ~written_by_loop  # (B, T-1)
+    supervised = lm_targets(labels, input_ids, latent_ids)  # (B, T-1)
     logits = lm_head(h_prev[supervised]).float()  # (N_lm, V): the LM head runs only where there is a target
-    lm_sum = F.cross_entropy(logits, next_labels[supervised], reduction="sum")
-    slot_next = next_ids == latent_ids["pad"]  # (B, T-1): the next position is a latent slot
+    lm_sum = F.cross_entropy(logits, labels[:, 1:][supervised], reduction="sum")
+    slot_next = input_ids[:, 1:] == latent_ids["pad"]  # (B, T-1): the next position is a latent slot
     v_hat = head(h_prev[slot_next])  # (N_slots, D) fp32; run even when empty so DDP / FSDP see the head
     n_latent = slot_next.sum()
     if latent_targets is None:

@@ -32,12 +32,13 @@ LATENT_START, LATENT_PAD, LATENT_END = "<|latent_start|>", "<|latent_pad|>", "<|
 # ----------------------------------------------------------------------------------------------------------
 # loading the stock model and adding the latent vocabulary
 
-def load_backbone(path, device=None, dtype=None):
-    """Stock Qwen2.5-VL, its tokenizer and its (PIL) image processor from a local directory or a hub id."""
+def load_backbone(path, device=None, dtype=None, attn="auto"):
+    """Stock Qwen2.5-VL, its tokenizer and its (PIL) image processor from a local directory or a hub id.
+    attn: auto (FlashAttention-2 when it imports on a GPU, else SDPA) | sdpa | flash_attention_2 | eager."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation()).to(device)
+        path, dtype=dtype, attn_implementation=attn_implementation() if attn == "auto" else attn).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
     return model, tokenizer, image_processor
@@ -165,7 +166,7 @@ def save_checkpoint(gap, tokenizer, image_processor, out_dir, gap_config: dict, 
     save_file(head_state, os.path.join(tmp, "latent_head.safetensors"))
     if basis is not None:
         pca_lib.save(os.path.join(tmp, "pca.safetensors"), basis)
-    config = dict(gap_config, latent_tokens=gap.latent_tokens, latent_head=gap.head.config(),
+    config = dict(gap_config, latent_tokens=gap.latent_tokens, head_config=gap.head.config(),
                   latent_token_ids=gap.latent_ids)
     atomic_write_text(os.path.join(tmp, "gap.json"), json.dumps(config, indent=2) + "\n")
     replace_dir(tmp, out_dir)
@@ -189,12 +190,12 @@ def load_checkpoint(ckpt_dir, device=None, dtype=None):
         raise ValueError(f"{path}: latent_token_ids {config['latent_token_ids']} != tokenizer's {ids}")
     basis_path = os.path.join(ckpt_dir, "pca.safetensors")
     basis = pca_lib.load(basis_path) if os.path.exists(basis_path) else None
-    head_config = config["latent_head"]
-    if isinstance(head_config, str):  # written before gap.json recorded the head's own configuration
-        head_config = dict(kind=head_config, d=backbone.config.text_config.hidden_size,
-                           adapter_dim=config.get("adapter_dim", 256))
+    head_state = load_file(os.path.join(ckpt_dir, "latent_head.safetensors"))
+    head_config = config.get("head_config") or dict(  # gap.json written before it recorded the head's config
+        kind=config["latent_head"], d=backbone.config.text_config.hidden_size,
+        adapter_dim=head_state["A.gate.weight"].shape[0] if "A.gate.weight" in head_state else 256)
     head = LatentHead(head_config["kind"], head_config["d"], basis=basis, adapter_dim=head_config["adapter_dim"])
-    head.load_state_dict(load_file(os.path.join(ckpt_dir, "latent_head.safetensors")))
+    head.load_state_dict(head_state)
     gap = GAP(backbone, head.to(backbone.device), ids, config["latent_tokens"])
     return gap.eval(), tokenizer, image_processor, config
 
@@ -244,11 +245,17 @@ def save_state(path, gap, opt, sched, step, skipped, basis, rank, config: dict):
 
 
 def find_state(path):
-    """The state directory to resume from: PATH, or PATH.old after a crash between replace_dir's two renames."""
+    """The state directory to resume from: PATH, or PATH.old after a crash between replace_dir's two renames;
+    None when there is none."""
     for p in (path, path.rstrip("/") + ".old"):
         if os.path.exists(os.path.join(p, "meta.pt")):
             return p
-    raise FileNotFoundError(f"--resume: no saved state in {path} (train with --save_every N to write one)")
+    return None
+
+
+def remove_state(path):
+    for p in (path, path.rstrip("/") + ".old", path.rstrip("/") + ".tmp"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def load_state(path, gap, opt, sched, rank, config: dict, fixed):
@@ -260,7 +267,8 @@ def load_state(path, gap, opt, sched, rank, config: dict, fixed):
     meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
     changed = [f"--{k} {meta['config'][k]!r} -> {config[k]!r}" for k in fixed if meta["config"][k] != config[k]]
     if changed:
-        raise ValueError(f"--resume from {path}: these flags differ from the saved run: {', '.join(changed)}")
+        raise ValueError(f"{path} holds the state of a run with other flags ({', '.join(changed)}): use those to "
+                         f"continue it, --fresh to discard it, or another --out_dir / --state_dir")
     model_state, optim_state = get_state_dict(gap, opt)
     state = dict(model=model_state, optim=optim_state)
     with warnings.catch_warnings():

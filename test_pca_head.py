@@ -186,12 +186,22 @@ def test_pca_cli_torchrun_matches_single_process(tmp_path):
         torch.testing.assert_close(dist_basis[key], one[key], atol=1e-5, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["pca", "latent_head"])
-def test_pca_and_head_importable_alone(tmp_path, name):
+COPY_OUT = {  # run in a directory that holds only the copied file
+    "pca": "import torch, pca; b = pca.fit(pca.PCAStats().update(torch.randn(500, 16) * torch.arange(1, 17)), 0.9); "
+           "pca.save('b.safetensors', b); print('k', pca.load('b.safetensors')['k'])",
+    "latent_head": "import runpy; runpy.run_path('latent_head.py', run_name='__main__')",
+}
+
+
+@pytest.mark.parametrize("name", sorted(COPY_OUT))
+def test_pca_and_head_copy_out_alone(tmp_path, name):
+    """Copied alone into an empty directory, each runs (a fit and save/load; the head's self-check) with
+    nothing of the project importable."""
     shutil.copy(HERE / f"{name}.py", tmp_path / f"{name}.py")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    res = _run(["-c", f"import {name}; print({name}.__file__)"], tmp_path, env=env)
-    assert Path(res.stdout.strip()).parent == tmp_path
+    guard = "import importlib.util; assert importlib.util.find_spec('model') is None; "
+    res = _run(["-c", guard + COPY_OUT[name]], tmp_path, env=env)
+    assert ("k " if name == "pca" else "calibrated norms") in res.stdout
 
 
 # ----------------------------------------------------------------------------- latent_head.py

@@ -175,4 +175,4 @@ def test_quick_pipeline(tmp_path):
     lam = basis["eigenvalues"].double()
     assert res["pca"]["k"] == basis["k"] and res["pca"]["rel_mse"] == pytest.approx(
         float(1 - lam[:basis["k"]].sum() / lam.sum()), rel=1e-5)
-    assert res["norms"]["vision_embed"] > 0 and (tmp_path / "results.png").stat().st_size > 0
+    assert (tmp_path / "results.png").stat().st_size > 0

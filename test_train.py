@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pca as pca_lib
-from conftest import ENV, HERE, K, make_gap, write_jsonl
+from conftest import ENV, HERE, K, make_gap, run, write_jsonl
 from data import DataSpec, GAPDataset, collate, collate_packed, pack
 
 DRIVER = """
@@ -26,6 +26,13 @@ from common import run_main
 mode, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 rank = int(os.environ.get("RANK", 0))
 cfg = train.parse_config(train.TrainConfig, argv)
+reduced = set()  # dtypes FSDP2 reduce-scatters gradients in
+for name in ("reduce_scatter_single", "reduce_scatter_tensor"):
+    if hasattr(torch.distributed, name):
+        def record(*a, _real=getattr(torch.distributed, name), **kw):
+            reduced.add(str((kw.get("input") if "input" in kw else a[1]).dtype))
+            return _real(*a, **kw)
+        setattr(torch.distributed, name, record)
 real_collate = data.StepCollate.__call__
 def collate(self, items):  # runs in this process with --num_workers 0
     micro, errors = real_collate(self, items)
@@ -45,6 +52,7 @@ if mode == "grads":  # the first optimizer step's gradients, gathered to full te
         return opt
     train.optimizer_for = optimizer_for
     train.main(cfg)
+    print(f"rank {rank} reduced gradients in: {sorted(reduced)}", flush=True)
 else:  # train.main, SIGKILLed on rank 0 after the state of step N is saved, or in the middle of that save
     kill = os.environ.get("KILL", "")
     if kill:
@@ -129,6 +137,45 @@ def test_two_ranks_give_the_gradients_of_one_process(setup, reference_grads, fla
         assert rel_err(two[name], g) < 1e-4, f"{name}: relative gradient difference {rel_err(two[name], g):.2e}"
 
 
+@pytest.mark.parametrize("flags", [["--micro_batch", "1"], ["--fsdp", "--micro_batch", "1"],
+                                   ["--fsdp", "--pack", "--pack_len", "200"]], ids=["ddp", "fsdp", "fsdp-packed"])
+def test_bf16_gives_the_fp32_gradients_within_bf16_tolerance(setup, reference_grads, flags):
+    """--precision bf16 on CPU/gloo, the paths a GPU run takes (DDP autocast; FSDP2 bf16 parameters): the 2-rank
+    gradients are the fp32 one-process gradients up to bf16 rounding, not equal to them (autocast / bf16
+    parameters really on), FSDP2 reduces them in fp32, and the latent head runs in fp32 (it raises otherwise)."""
+    name = "bf16_" + "_".join(f.strip("-") for f in flags)
+    out = setup["tmp"] / f"grads_{name}.pt"
+    p = torchrun([setup["driver"], "grads", out, *setup["args"], *GRADS, *flags, "--precision", "bf16",
+                  "--out_dir", setup["tmp"] / name])
+    two = torch.load(out)
+    assert two.keys() == reference_grads.keys()
+    errs = {n: rel_err(two[n], g) for n, g in reference_grads.items()}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] < 0.1, f"{worst}: {errs[worst]:.2e} is more than bf16 rounding"
+    assert sorted(errs.values())[len(errs) // 2] > 1e-4, "bf16 compute is off: the gradients are fp32's"
+    assert all(g.dtype == torch.float32 for g in two.values())
+    if "--fsdp" in flags:
+        assert "rank 0 reduced gradients in: ['torch.float32']" in p.stdout, p.stdout
+
+
+def test_bf16_run_trains_saves_and_infers(world, tmp_path):
+    """One process, --precision bf16 (CPU autocast): the run exports fp32 weights that infer.py loads and
+    generates with, and its losses are the fp32 run's up to bf16 rounding."""
+    import train
+    from model import load_checkpoint
+    common = dict(model=world["model"], data=world["data"], target_cache=str(world["root"] / "cache"),
+                  latent_tokens=K, adapter_dim=16, lr=1e-3, head_lr=1e-3, global_batch=4, max_steps=2,
+                  num_workers=0)
+    runs = {p: train.main(train.TrainConfig(**common, precision=p, out_dir=str(tmp_path / p)))["losses"]
+            for p in ("fp32", "bf16")}
+    for (lm32, lat32), (lm16, lat16) in zip(runs["fp32"], runs["bf16"]):
+        assert lm16 != lm32 and abs(lm16 - lm32) < 0.02 * lm32 and abs(lat16 - lat32) < 0.05 * lat32
+    g, tokenizer, _, _ = load_checkpoint(str(tmp_path / "bf16"), "cpu")
+    assert all(p.dtype == torch.float32 for p in g.parameters())
+    run(["infer.py", str(world["root"] / "data" / "img" / "q0.png"), "How many?", "--ckpt", tmp_path / "bf16",
+         "--max_new_tokens", "6"])
+
+
 def test_packed_loss_equals_padded_loss(world):
     """The same examples packed into one row (each with its own positions, no attention across them) give the
     padded batch's loss sums and gradients."""
@@ -175,7 +222,7 @@ def straight(setup):
 @pytest.mark.parametrize("mode,kill,save_every", [("ddp", "after_save:3", 3), ("fsdp", "after_save:3", 3),
                                                    ("fsdp", "mid_save:4", 2)])
 def test_kill_and_resume_equals_uninterrupted(setup, straight, mode, kill, save_every):
-    """SIGKILL on rank 0 (torchrun then stops rank 1), then --resume from the last whole state: the remaining
+    """SIGKILL on rank 0 (torchrun then stops rank 1), then the same command continues from the last whole state: the remaining
     steps' losses equal the uninterrupted run's exactly, and so does the exported model. With mid_save:4 the
     kill lands after the step-4 state is fully written to its temporary directory but before it replaces the
     step-2 state, which must survive whole."""
@@ -192,7 +239,7 @@ def test_kill_and_resume_equals_uninterrupted(setup, straight, mode, kill, save_
     else:
         assert saved == at
     assert not os.path.exists(os.path.join(out, "gap.json")), "a killed run must not have exported"
-    torchrun([setup["driver"], "train", f"{out}.json", *args, "--resume"])
+    torchrun([setup["driver"], "train", f"{out}.json", *args])  # the same command: it continues by itself
     resumed = json.load(open(f"{out}.json"))
     assert resumed == straight[mode]["losses"][saved:]
     from safetensors.torch import load_file
@@ -216,20 +263,33 @@ def test_fsdp_export_matches_ddp_and_loads(straight):
     Qwen2_5_VLForConditionalGeneration.from_pretrained(str(straight["fsdp"]["out"]))
 
 
-def test_resume_refuses_changed_flags_and_missing_state(setup, tmp_path):
-    """One process: --resume without a saved state, or with a flag that changes the data order or schedule,
-    fails naming what is wrong instead of continuing a different run."""
+def test_a_saved_state_is_continued_by_itself_or_refused(setup, tmp_path, monkeypatch):
+    """One process. A run that stopped after saving (here: its export fails) leaves its state; the same command
+    continues from it with no flag, other data-order / schedule flags are refused with what differs, --fresh
+    starts over, and a finished run leaves no state behind."""
     import dataclasses
     import train
     from common import parse_config
     cfg = parse_config(train.TrainConfig, [*setup["args"], "--global_batch", "4", "--max_steps", "2",
                                            "--save_every", "1", "--out_dir", str(tmp_path / "gap")])
-    with pytest.raises(FileNotFoundError, match="no saved state"):
-        train.main(dataclasses.replace(cfg, resume=True))
-    train.main(cfg)
-    with pytest.raises(ValueError, match=r"--global_batch 4 -> 6"):
-        train.main(dataclasses.replace(cfg, resume=True, global_batch=6))
-    assert len(train.main(dataclasses.replace(cfg, resume=True))["losses"]) == 1  # the state of step 1 of 2
+    state = tmp_path / "gap.state"
+
+    def export_fails(*a, **kw):
+        raise RuntimeError("export failed")
+    with monkeypatch.context() as m:
+        m.setattr(train, "export", export_fails)
+        with pytest.raises(RuntimeError, match="export failed"):
+            train.main(cfg)
+    assert torch.load(state / "meta.pt")["step"] == 1  # saved after step 1 of 2
+    with pytest.raises(ValueError, match=r"--global_batch 4 -> 6.*--fresh to discard it"):
+        train.main(dataclasses.replace(cfg, global_batch=6))
+    assert len(train.main(cfg)["losses"]) == 1  # step 2 of 2, continued from the saved step 1
+    assert not state.exists() and (tmp_path / "gap" / "gap.json").exists()
+    with monkeypatch.context() as m:
+        m.setattr(train, "export", export_fails)
+        with pytest.raises(RuntimeError):
+            train.main(cfg)
+    assert len(train.main(dataclasses.replace(cfg, fresh=True))["losses"]) == 2  # --fresh: both steps again
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "skip_bad"])
@@ -254,3 +314,69 @@ def test_a_rank_that_raises_stops_every_rank(world, setup, tmp_path, mode):
     assert p.returncode != 0 and time.time() - t0 < 240
     assert f"error: {data}:6: field 'image': image file not found" in out, out[-3000:]
     assert "driver done" not in out
+
+
+def test_elastic_restart_after_a_killed_worker_equals_uninterrupted(setup, tmp_path):
+    """torchrun --max-restarts 2, one worker SIGKILLed from outside at a random moment after the first save:
+    torchrun restarts the worker group, train.py continues from its last state by itself, and the final weights
+    are an uninterrupted run's exactly."""
+    import random
+    import signal
+    from safetensors.torch import load_file
+    args = [*setup["args"], "--global_batch", "4", "--epochs", "4", "--save_every", "2"]
+    torchrun([setup["driver"], "train", tmp_path / "straight.json", *args, "--out_dir", tmp_path / "straight"])
+    out = tmp_path / "elastic"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "--max-restarts", "2", "--monitor-interval", "0.1"]
+    log = open(tmp_path / "elastic.log", "w+")
+    proc = subprocess.Popen(launcher + list(map(str, [setup["driver"], "train", tmp_path / "elastic.json", *args,
+                                                      "--out_dir", out])),
+                            cwd=HERE, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
+    state, t0 = f"{out}.state", time.time()
+    while not os.path.exists(os.path.join(state, "meta.pt")):  # the first save (step 2 of 12)
+        assert proc.poll() is None and time.time() - t0 < 120, "the run ended before its first save"
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 1.0))
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "no worker to kill"
+    os.kill(int(random.choice(workers)), signal.SIGKILL)
+    try:
+        proc.wait(timeout=240)
+    finally:
+        proc.kill()
+        log.seek(0)
+        output = log.read()
+        print(output[-5000:])  # shown by pytest when the test fails
+    done = "driver done on rank 0" in output and "driver done on rank 1" in output
+    assert proc.returncode == 0 or (done and "terminate called without an active exception" in output), output[-3000:]
+    assert output.count("resumed from") >= 1, output[-3000:]  # the restarted group continued from the state
+    a, b = load_file(os.path.join(out, "model.safetensors")), load_file(tmp_path / "straight" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("flags", [["--micro_batch", "1"], ["--fsdp", "--micro_batch", "1"]], ids=["ddp", "fsdp"])
+def test_two_nodes_on_one_machine_give_the_gradients_of_one_process(setup, reference_grads, tmp_path, flags):
+    """Two torchrun launchers, --nnodes 2 --nproc_per_node 1, meeting through a c10d rendezvous on 127.0.0.1:
+    the gradients of one process on the combined batch, as with one launcher of 2 processes."""
+    out = tmp_path / "grads.pt"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "gap-test"]
+    cmd = launcher + list(map(str, [setup["driver"], "grads", out, *setup["args"], *GRADS, *flags,
+                                    "--out_dir", tmp_path / "gap"]))
+    nodes = [subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in nodes]
+    for p, o in zip(nodes, outputs):
+        assert p.returncode == 0 or ("driver done" in o and "terminate called without an active exception" in o), o[-3000:]
+    assert "2 rank(s)" in "".join(outputs)
+    two = torch.load(out)
+    assert two.keys() == reference_grads.keys()
+    for name, g in reference_grads.items():
+        assert rel_err(two[name], g) < 1e-4, f"{name}: relative gradient difference {rel_err(two[name], g):.2e}"

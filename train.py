@@ -1,7 +1,8 @@
 """GAP training (paper section 4, eq. 3; recipe of appendix F): teacher-forced L = L_LM + lambda * L_latent on
 Qwen2.5-VL with a PCA-aligned latent head, difficulty-aware latent assignment, AdamW + warmup + cosine.
 The same file runs under python (one process) and torchrun: DDP, or FSDP2 with --fsdp (gloo on CPU, nccl on GPU);
---pack packs several examples per row; --save_every N writes resumable state, --resume continues from it.
+--pack packs several examples per row; --save_every N writes resumable state, and a run started again (by hand, or by
+torchrun --max-restarts after a worker died) continues from it by itself; --fresh starts over.
 
     python tiny.py --out out/tiny --sample_data out/sample
     python data.py --model out/tiny --data out/sample/train.jsonl --latent_tokens 4 --cache_dir out/cache
@@ -25,8 +26,8 @@ import pca as pca_lib
 from common import BadExamples, all_reduce, parse_config, run_main, setup_distributed
 from data import DataSpec, GAPDataset, StepCollate, TargetCache
 from latent_head import LatentHead
-from losses import IGNORE, total_loss
-from model import GAP, add_latent_tokens, export, find_state, load_backbone, load_state, save_state
+from losses import lm_targets, total_loss
+from model import GAP, add_latent_tokens, export, find_state, load_backbone, load_state, remove_state, save_state
 
 
 @dataclasses.dataclass
@@ -60,12 +61,19 @@ class TrainConfig:
     image_max_pixels: int = field(default=0, metadata={"help": "query-image max pixels (0: processor's)"})
     train_vision: bool = field(default=False, metadata={"help": "also train the vision tower (frozen in the paper)"})
     fsdp: bool = field(default=False, metadata={"help": "FSDP2: shard params, grads and optimizer state (else DDP)"})
+    precision: str = field(default="auto", metadata={
+        "help": "bf16: bf16 compute, fp32 master weights (DDP / one process: autocast; FSDP2: bf16 parameters, fp32 "
+                "gradient reduction); fp32; auto: bf16 on GPU, fp32 on CPU", "choices": ["auto", "bf16", "fp32"]})
+    attn: str = field(default="auto", metadata={"help": "attention: auto (FlashAttention-2 if it imports on a GPU, "
+                                                        "else SDPA)", "choices": ["auto", "sdpa", "flash_attention_2",
+                                                                                  "eager"]})
     grad_ckpt: bool = field(default=False, metadata={"help": "activation checkpointing per decoder block"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm (0: off)"})
     seed: int = field(default=12345, metadata={"help": "data order and init seed"})
     save_every: int = field(default=0, metadata={"help": "write resumable state every N steps (0: never)"})
     state_dir: str = field(default="", metadata={"help": "where the resumable state goes (empty: OUT_DIR.state)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the state in state_dir"})
+    fresh: bool = field(default=False, metadata={"help": "start at step 0 and discard the saved state in state_dir "
+                                                         "(default: continue from it when there is one)"})
     skip_bad: bool = field(default=False, metadata={"help": "skip and count bad examples instead of stopping"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank (0: load in the "
                                                           "training process)", "range": (0, 64)})
@@ -86,14 +94,16 @@ def fit_basis(cache: TargetCache, var, rank, world):
 def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
     """Backbone + latent vocabulary + head + data set, unwrapped, fp32 on `device`.
     Returns (gap, tokenizer, image_processor, dataset, basis)."""
-    backbone, tokenizer, image_processor = load_backbone(cfg.model, device, torch.float32)
+    backbone, tokenizer, image_processor = load_backbone(cfg.model, device, torch.float32, cfg.attn)
     ids = add_latent_tokens(backbone, tokenizer)
     backbone.model.visual.requires_grad_(cfg.train_vision)
     if cfg.grad_ckpt:  # recompute each decoder block in backward instead of keeping its activations
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     spec = DataSpec(cfg.latent_tokens, cfg.difficulty_tau, cfg.max_len, cfg.image_min_pixels, cfg.image_max_pixels)
     cache = TargetCache(cfg.target_cache, cfg.latent_tokens) if cfg.latent_tokens else None
-    dataset = GAPDataset(cfg.data, tokenizer, image_processor, ids, spec, cache, cfg.skip_bad)
+    # return_errors: a bad example reaches the training process as a message (from a loader worker too),
+    # which stops the run with it or, with --skip_bad, counts it
+    dataset = GAPDataset(cfg.data, tokenizer, image_processor, ids, spec, cache, cfg.skip_bad, return_errors=True)
     if basis is None and cfg.latent_tokens:
         basis = pca_lib.load(cfg.pca_path) if cfg.pca_path else (fit_basis(cache, cfg.pca_var, rank, world)
                                                                   if cache.where else None)
@@ -105,26 +115,32 @@ def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
     return GAP(backbone, head.to(device), ids, cfg.latent_tokens), tokenizer, image_processor, dataset, basis
 
 
-def shard(gap, device, world):
+def bf16(cfg, device):
+    """Whether the run computes in bf16 (--precision; auto: on GPU only, where bf16 matmuls are fast)."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+def shard(gap, device, world, param_dtype=torch.float32):
     """FSDP2 (ShardingStrategy FULL_SHARD semantics): each decoder block, the vision tower as one unit, the
-    latent head (kept fp32), then the root. On GPU parameters are gathered in bf16 and gradients reduced in
-    fp32; the sharded fp32 parameters are the optimizer's master weights. Returns gap, now an FSDPModule."""
+    latent head (kept fp32: its outputs are fed back as inputs), then the root. Parameters are gathered in
+    param_dtype (bf16 with --precision bf16) and gradients reduced in fp32; the sharded fp32 parameters are the
+    optimizer's master weights. Returns gap, now an FSDPModule."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                              reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in gap.backbone.model.language_model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(gap.backbone.model.visual, mesh=mesh, mp_policy=mp)
-    fully_shard(gap.head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
+    fully_shard(gap.head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32,
+                                                                    reduce_dtype=torch.float32))
     return fully_shard(gap, mesh=mesh, mp_policy=mp)
 
 
 def wrap(gap, cfg, device, world):
-    """The module train_step() runs: FSDP2-sharded gap, DDP around gap, or gap itself (one process)."""
+    """The module the micro-steps of main() run: FSDP2-sharded gap, DDP around gap, or gap itself (one process)."""
     if cfg.fsdp:
-        return shard(gap, device, world)
+        return shard(gap, device, world, torch.bfloat16 if bf16(cfg, device) else torch.float32)
     if world > 1:  # buffers (PCA basis, rotary) never change: no per-forward broadcast
         return DDP(gap, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     return gap
@@ -211,7 +227,9 @@ def main(cfg: TrainConfig):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     state_dir = cfg.state_dir or cfg.out_dir.rstrip("/") + ".state"
-    resume_from = find_state(state_dir) if cfg.resume else None
+    if cfg.fresh and rank == 0:
+        remove_state(state_dir)
+    resume_from = None if cfg.fresh else find_state(state_dir)  # a state left by an unfinished run: go on from it
     saved_basis = os.path.join(resume_from, "pca.safetensors") if resume_from else ""
     gap, tokenizer, image_processor, dataset, basis = build(
         cfg, device, rank, world, pca_lib.load(saved_basis) if os.path.exists(saved_basis) else None)
@@ -221,11 +239,11 @@ def main(cfg: TrainConfig):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_ratio))
     run_config = dict(dataclasses.asdict(cfg), **dataclasses.asdict(dataset.spec))
     step, skipped = load_state(resume_from, gap, opt, sched, rank, run_config, RESUME_FIXED) if resume_from else (0, 0)
-    dataset.return_errors = True  # bad examples reach this process as messages: stop on them, or skip and count
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=StepSampler(len(dataset), cfg.global_batch, rank, world, cfg.seed, step, total),
         collate_fn=StepCollate(tokenizer.pad_token_id, cfg.micro_batch, pack_len), num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda", prefetch_factor=2 if cfg.num_workers else None)
+        pin_memory=device.type == "cuda", prefetch_factor=2 if cfg.num_workers else None,
+        generator=torch.Generator().manual_seed(cfg.seed))  # its own: it must not draw from the restored RNG
     if rank == 0:
         print(start_line(cfg, gap, dataset, basis, world, total, pack_len)
               + (f"\nresumed from {resume_from} at step {step}" if resume_from else ""), flush=True)
@@ -235,11 +253,11 @@ def main(cfg: TrainConfig):
     for micro, errors in loader:  # this rank's examples of one step, loaded and collated by the workers
         for message in errors:
             bad.add(message)  # raises DataError (all ranks then stop), or with --skip_bad counts it
-        if not micro:
-            raise ValueError(f"rank {rank} has no valid example at step {step}")
+        if not micro:  # every example of this rank's share was bad: nothing to keep the ranks' steps alike with
+            raise ValueError(f"rank {rank} has no valid example at step {step} (all skipped as bad)")
         # the loss is normalized by the global number of supervised tokens and latent slots of the step (not by
         # the number of micro-steps): answers have different lengths, and ranks hold different examples
-        n_lm = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
+        n_lm = sum(int(lm_targets(mb["labels"], mb["input_ids"], gap.latent_ids).sum()) for mb in micro)
         n_latent = sum(len(mb["latent_targets"]) for mb in micro if mb["latent_targets"] is not None)
         n_lm, n_latent, n_bad = all_reduce([n_lm, n_latent, bad.count], device)
         (n_micro,) = all_reduce([len(micro)], device, dist.ReduceOp.MAX if dist.is_initialized() else None)
@@ -249,8 +267,8 @@ def main(cfg: TrainConfig):
             # micro-batches (packing, skipped examples) repeats its last one with weight 0
             weight, mb = float(j < len(micro)), to_device(micro[min(j, len(micro) - 1)], device)
             set_grad_sync(model, j == n_micro - 1)  # reduce gradients on the last micro-step only
-            # DDP on GPU: bf16 autocast over fp32 weights; FSDP2 gathers bf16 weights itself (shard())
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and not cfg.fsdp):
+            # bf16: autocast over fp32 weights (DDP, one process); FSDP2 gathers bf16 weights itself (shard())
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16(cfg, device) and not cfg.fsdp):
                 out = model(**mb, scheduled_sampling=cfg.scheduled_sampling)
             # x world: DDP and FSDP average gradients over ranks, the global normalization already did
             loss = total_loss(out, n_lm, n_latent, cfg.lambda_latent) * world
@@ -277,11 +295,12 @@ def main(cfg: TrainConfig):
     skipped += int(all_reduce([bad.count], device)[0])
     export(gap, tokenizer, image_processor, cfg.out_dir, dict(run_config, step=step), basis, rank, cfg.fsdp)
     if rank == 0:
+        remove_state(state_dir)  # the run is finished: a later run with the same out_dir starts over
         print(f"done: {step} steps, {skipped} bad examples skipped, checkpoint -> {cfg.out_dir}")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return dict(losses=losses, step_s=step_s)
+    return dict(losses=losses, step_s=step_s, attn=gap.backbone.config._attn_implementation)
 
 
 def start_line(cfg, gap, dataset, basis, world, total, pack_len):
