@@ -10,8 +10,9 @@ latent token ids. It imports only torch and latent_head.py: copy the two files i
 
 How a batch is generated (`latent_steps`, top to bottom):
   1. Prefill: the left-padded prompts (query-image features scattered into the <|image_pad|> positions) run
-     once with explicit M-RoPE positions; their KV cache is kept for the whole answer. With num_samples = N
-     the cache is repeated so each prompt is decoded in N rows (row b*N + j is sample j of prompt b).
+     once with explicit M-RoPE positions; their keys/values go into a cache allocated once for the whole answer
+     (KVSlots: each row writes its next column at its own length, no per-step growth). With num_samples = N
+     each prompt's cache is written into N rows (row b*N + j is sample j of prompt b).
   2. Each step every row is in one of three states, held in `slot` (R,):
        TEXT (-1)    sample a token from the LM head; <|latent_start|> moves the row to slot 0;
        0 .. K-1     inside a latent span: record <|latent_pad|> and feed v = head(h_bar of the previous step)
@@ -22,6 +23,11 @@ How a batch is generated (`latent_steps`, top to bottom):
      next text position (latent slots are text positions: the same id on the three M-RoPE axes).
 `latent_steps` is a generator that yields a `Step` per step (tokens, logits, fed vectors, positions), so
 tests and tools read what the loop did without flags inside it; `generate` keeps the tokens.
+
+Continuous batching (`continuous_steps`, `generate_continuous`): the same steps over a list of prompts in a
+fixed number of rows; a row that finishes takes the next prompt (prefilled alone into that row of the cache)
+while the others go on, so a long answer no longer holds a whole batch. Each prompt gets what latent_steps
+gives it alone. `compile_step=True` runs the decoder step through torch.compile (README "Inference speed").
 """
 from dataclasses import dataclass
 
@@ -80,7 +86,8 @@ def rope_positions(model, input_ids, attention_mask, image_grid_thw=None):
 class Step:
     """What one step did, for each of the R decode rows."""
     token: torch.Tensor  # (R,) recorded token: sampled text, <|latent_pad|>, <|latent_end|>, or DONE once done
-    logits: torch.Tensor  # (R, V) fp32 logits the text token was sampled from (banned ids at -inf)
+    logits: torch.Tensor  # (R, V) fp32 logits the text token was sampled from (banned ids at -inf); NaN in rows
+    #                       that sampled nothing (inside a span, closing it, done): the LM head runs on TEXT rows only
     slot: torch.Tensor  # (R,) the row's state when the token was chosen: TEXT, 0..K-1 in a span, K closing
     fed: torch.Tensor | None  # (R, D) input embedding fed for this token (a latent in a span); None at the last step
     position: torch.Tensor | None  # (3, R) M-RoPE position it was fed at; None at the last step
@@ -89,67 +96,300 @@ class Step:
 @torch.no_grad()
 def latent_steps(model, head, latent_ids, latent_tokens, input_ids, attention_mask, pixel_values=None,
                  image_grid_thw=None, *, max_new_tokens=512, temperature=0.0, top_p=1.0, latent_mode="model",
-                 norm_calib="none", ema_beta=0.0, num_samples=1, stop_ids=(), generator=None):
+                 norm_calib="none", ema_beta=0.0, num_samples=1, stop_ids=(), generator=None, compile_step=False):
     """Yield one Step per generated token of a batch of left-padded prompts input_ids / attention_mask (B, T).
     latent_ids: {start, pad, end}; latent_tokens: K (0: no spans, <|latent_start|> banned).
     latent_mode: model | zero (<|latent_start|> banned) | noise (head.noise(n): Gaussian PCA coefficients).
-    norm_calib: none | ema (each latent rescaled to ema_norm(query-image embedding norms, ema_beta) of its row)."""
-    K, start, pad, end = latent_tokens, latent_ids["start"], latent_ids["pad"], latent_ids["end"]
-    if latent_mode not in MODES:
-        raise ValueError(f"latent_mode must be one of {MODES}, got {latent_mode!r}")
-    if norm_calib not in ("none", "ema"):
-        raise ValueError(f"norm_calib must be none or ema, got {norm_calib!r}")
+    norm_calib: none | ema (each latent rescaled to ema_norm(query-image embedding norms, ema_beta) of its row).
+    compile_step: the decoder step through torch.compile (README "Inference speed" says where it is faster)."""
+    check_modes(latent_mode, norm_calib)
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded (the last column real in every row): with right padding a "
                          "row's next token would follow its padding")
-    # 1. prefill
-    embeds = embed_inputs(model, input_ids, pixel_values, image_grid_thw)  # (B, T, D)
-    pos = rope_positions(model, input_ids, attention_mask, image_grid_thw)  # (3, B, T)
-    n_ema = image_norm(embeds, input_ids == model.config.image_token_id, ema_beta) if norm_calib == "ema" else None
-    out = model.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pos, use_cache=True)
-    h_last, cache = out.last_hidden_state[:, -1], out.past_key_values  # (B, D)
-    next_pos = pos.amax(dim=(0, 2)) + 1  # (B,) text continues after the prompt's largest position id
-    slot = torch.where(input_ids[:, -1] == start, 0, TEXT)  # a prompt may end inside a span
-    if num_samples > 1:
-        cache.batch_repeat_interleave(num_samples)
-        h_last, next_pos, slot, attention_mask = (x.repeat_interleave(num_samples, dim=0)
-                                                  for x in (h_last, next_pos, slot, attention_mask))
-        n_ema = n_ema.repeat_interleave(num_samples) if n_ema is not None else None
-    n_rows, dev = h_last.shape[0], h_last.device
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
-    banned = [pad, end] + ([start] if K == 0 or latent_mode == "zero" else [])  # the loop writes pad/end itself
-    done = torch.zeros(n_rows, dtype=torch.bool, device=dev)
+    n_rows = input_ids.shape[0] * num_samples  # row b*N + j is sample j of prompt b
+    slots = KVSlots(model, n_rows, input_ids.shape[1] + max_new_tokens, static=compile_step)
+    # 1. prefill, each prompt once (its cache written into its N rows)
+    h_last, next_pos, n_ema = prefill(model, slots, slots.row, input_ids, attention_mask, pixel_values,
+                                      image_grid_thw, latent_ids["pad"], ema_beta if norm_calib == "ema" else None)
+    slot = torch.where(input_ids[:, -1] == latent_ids["start"], 0, TEXT)  # a prompt may end inside a span
+    h_last, next_pos, slot = (x.repeat_interleave(num_samples, dim=0) for x in (h_last, next_pos, slot))
+    n_ema = n_ema.repeat_interleave(num_samples) if n_ema is not None else None
+    rules = Rules(model, latent_ids, latent_tokens, latent_mode, stop_ids)
+    step_fn = step_function(compile_step, h_last.device)
+    done = torch.zeros(n_rows, dtype=torch.bool, device=h_last.device)
     for step in range(max_new_tokens):
         # 2. choose each row's token by its state
-        logits = model.lm_head(h_last).float()  # (R, V)
-        logits[:, banned] = float("-inf")
-        in_span, closing = (slot >= 0) & (slot < K), slot == K
-        token = torch.where(in_span, pad, torch.where(closing, end, sample(logits, temperature, top_p, generator)))
-        token = torch.where(done, DONE, token)
-        done = done | ((slot == TEXT) & torch.isin(token, stop))
+        token, logits, in_span, closing, done = choose(model, rules, h_last, slot, done, temperature, top_p, generator)
         if bool(done.all()) or step == max_new_tokens - 1:
             yield Step(token, logits, slot, None, None)
             return
         # 3. feed it: the token's embedding, or in a span the latent predicted from the previous state
-        fed = model.get_input_embeddings()(token.clamp(min=0))  # (R, D)
-        if bool(in_span.any()):
-            v = latent_vectors(head, h_last[in_span], latent_mode, generator)
-            if n_ema is not None:
-                v = calibrate(v, n_ema[in_span])
-            fed[in_span] = v.to(fed.dtype)
+        fed = feed(model, head, token, h_last, in_span, latent_mode, n_ema, generator)
         position = next_pos.expand(3, n_rows)  # (3, R)
         yield Step(token, logits, slot, fed, position)
-        slot = torch.where(in_span, slot + 1, torch.where(closing | (token != start), TEXT, 0))
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n_rows, 1)], dim=1)
-        out = model.model(inputs_embeds=fed[:, None], attention_mask=attention_mask, position_ids=position[..., None],
-                          past_key_values=cache, use_cache=True)
-        h_last, cache, next_pos = out.last_hidden_state[:, -1], out.past_key_values, next_pos + 1
+        slot = next_slot(rules, slot, token, in_span, closing)
+        h_last, next_pos = step_fn(model, slots, fed, position), next_pos + 1
 
 
 def generate(*args, **kwargs):
     """The new tokens (R, S) of latent_steps(*args, **kwargs): DONE after a row's stop token."""
     return torch.stack([step.token for step in latent_steps(*args, **kwargs)], dim=1)
 
+
+def check_modes(latent_mode, norm_calib):
+    if latent_mode not in MODES:
+        raise ValueError(f"latent_mode must be one of {MODES}, got {latent_mode!r}")
+    if norm_calib not in ("none", "ema"):
+        raise ValueError(f"norm_calib must be none or ema, got {norm_calib!r}")
+
+
+class Rules:
+    """The per-step constants of the loop, built once: K, the latent ids, the banned and the stop ids as tensors."""
+
+    def __init__(self, model, latent_ids, latent_tokens, latent_mode, stop_ids):
+        device = model.get_input_embeddings().weight.device
+        self.K = latent_tokens
+        self.start, self.pad, self.end = latent_ids["start"], latent_ids["pad"], latent_ids["end"]
+        # the loop writes pad / end itself; <|latent_start|> is banned where no span may open
+        ban_start = latent_tokens == 0 or latent_mode == "zero"
+        self.banned = torch.tensor([self.pad, self.end] + [self.start] * ban_start, device=device)
+        self.stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        self.vocab = model.get_input_embeddings().num_embeddings
+
+
+def choose(model, rules, h_last, slot, done, temperature, top_p, generator):
+    """Each row's token by its state (module docstring, 2); the LM head runs only on rows in TEXT that are not
+    done. Returns token (R,), logits (R, V), in_span (R,), closing (R,) and done (R,) updated."""
+    in_span, closing = (slot >= 0) & (slot < rules.K), slot == rules.K
+    text = (slot == TEXT) & ~done
+    if bool(text.all()):
+        logits = model.lm_head(h_last).float().index_fill_(1, rules.banned, float("-inf"))  # (R, V)
+        token = sample(logits, temperature, top_p, generator)
+    else:
+        logits = h_last.new_full((len(slot), rules.vocab), float("nan"), dtype=torch.float32)
+        token = torch.where(in_span, rules.pad, rules.end)  # (R,): pad in a span, end closing it, DONE below
+        if bool(text.any()):
+            some = model.lm_head(h_last[text]).float().index_fill_(1, rules.banned, float("-inf"))
+            logits[text], token[text] = some, sample(some, temperature, top_p, generator)
+    token = torch.where(done, DONE, token)
+    return token, logits, in_span, closing, done | (text & torch.isin(token, rules.stop))
+
+
+def feed(model, head, token, h_last, in_span, latent_mode, n_ema, generator):
+    """The input embedding of each row's token (R, D), or in a span the latent from the previous state."""
+    embedding = model.get_input_embeddings()
+    if bool(in_span.all()):  # every row in a span (as at batch 1): no token embeddings, no row selection
+        v = latent_vectors(head, h_last, latent_mode, generator)
+        return (calibrate(v, n_ema) if n_ema is not None else v).to(embedding.weight.dtype)
+    fed = embedding(token.clamp(min=0))  # (R, D)
+    if bool(in_span.any()):
+        v = latent_vectors(head, h_last[in_span], latent_mode, generator)
+        if n_ema is not None:
+            v = calibrate(v, n_ema[in_span])
+        fed[in_span] = v.to(fed.dtype)
+    return fed
+
+
+def next_slot(rules, slot, token, in_span, closing):
+    """A span advances one slot; closing it returns to TEXT; a sampled <|latent_start|> opens one (slot 0)."""
+    return torch.where(in_span, slot + 1, torch.where(closing | (token != rules.start), TEXT, 0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the KV cache: preallocated, each row writes at its own column
+
+class KVSlots:
+    """A preallocated KV cache of R rows x W columns, handed to the stock model as past_key_values (its attention
+    layers call update(keys, values, layer_idx)). Per layer keys and values (R, H, W, hd); row r's next token is
+    written at column length[r], and valid (R, W) marks the columns each row attends to: its prompt without the
+    padding, then every token fed to it. Rows are independent, so one row can take a new prompt while the others
+    decode (continuous_steps). Nothing is concatenated or reallocated per step. static: attention reads all W
+    columns at every step (one shape: what a compiled step needs), else only the columns in use."""
+
+    def __init__(self, model, rows, width, static=False):
+        device, config = model.get_input_embeddings().weight.device, model.config.get_text_config()
+        if "sliding_attention" in config.layer_types:
+            raise ValueError("the latent loop builds full-attention masks only; this model has sliding-window layers")
+        self.attn, self.mask_kinds = config._attn_implementation or "sdpa", set(config.layer_types)
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.width, self.layers, self.static = width, {}, static
+        self.row = torch.arange(rows, device=device)  # (R,)
+        self.length = torch.zeros(rows, dtype=torch.long, device=device)  # (R,) next column each row writes
+        self.valid = torch.zeros(rows, width, dtype=torch.bool, device=device)  # (R, W)
+        self.used = width if static else 0  # columns attention reads: up to the longest row (a Python int)
+        self.fill = None  # during a prefill: the rows it writes (None: a decode step of every row)
+        for t in (self.row, self.length, self.valid):  # changed in place: a CUDA-graph step keeps their address
+            torch._dynamo.mark_static_address(t)
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        if layer_idx not in self.layers:  # first call: allocate the whole cache once
+            shape = (len(self.row), keys.shape[1], self.width)
+            self.layers[layer_idx] = keys.new_zeros(shape + keys.shape[3:]), values.new_zeros(shape + values.shape[3:])
+            for t in self.layers[layer_idx]:
+                torch._dynamo.mark_static_address(t)
+        k_all, v_all = self.layers[layer_idx]
+        if self.fill is not None:  # prefill (B, H, T, hd) into columns 0..T-1 of its rows; it attends to itself only
+            n, T = len(self.fill) // keys.shape[0], keys.shape[2]
+            k_all[self.fill, :, :T] = keys.repeat_interleave(n, 0)
+            v_all[self.fill, :, :T] = values.repeat_interleave(n, 0)
+            return keys, values
+        k_all[self.row, :, self.length] = keys[:, :, 0]  # (R, H, hd): one column per row, each at its own length
+        v_all[self.row, :, self.length] = values[:, :, 0]
+        return k_all[:, :, :self.used], v_all[:, :, :self.used]
+
+    def get_seq_length(self, layer_idx=0):
+        return self.used
+
+    def masks(self, allowed, padding):
+        """{layer type: mask} for `allowed` (R, 1, Q, C) bool in the form the attention implementation takes:
+        FlashAttention the (R, C) padding mask (causality is its own), eager an additive float mask, sdpa the
+        boolean one. The stock model takes a ready mapping as it is, so it builds no mask per step."""
+        if self.attn == "eager":
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+            mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)
+        elif (allowed.shape[2] > 1 or not self.static) and bool(padding.all()):
+            mask = None  # nothing masked: the kernels' faster unmasked (causal in a prefill) path; a compiled step
+            #              (static) always reads masked columns and keeps its one graph
+        else:
+            mask = padding if self.attn.startswith("flash") else allowed
+        return {kind: mask for kind in self.mask_kinds}
+
+
+def prefill(model, slots, rows, input_ids, attention_mask, pixel_values, image_grid_thw, pad_id, ema_beta=None):
+    """Run left-padded prompts (B, T) once and write their keys/values into `rows` of the cache (B x n rows:
+    prompt b into rows b*n .. b*n+n-1). Returns the state at each prompt's last position (B, D), its next text
+    position (B,) and, with ema_beta given, the image-norm target of calibration (B,)."""
+    embeds = embed_inputs(model, input_ids, pixel_values, image_grid_thw, pad_id)  # (B, T, D); no pads in a prompt
+    pos = rope_positions(model, input_ids, attention_mask, image_grid_thw)  # (3, B, T)
+    n_ema = None if ema_beta is None else image_norm(embeds, input_ids == model.config.image_token_id, ema_beta)
+    T, real = input_ids.shape[1], attention_mask.bool()
+    causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()
+    # (B, 1, T, T); a padding position sees itself, so that no row of the softmax is empty
+    allowed = (causal & real[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=real.device)
+    slots.fill = rows
+    try:
+        out = model.model(inputs_embeds=embeds, attention_mask=slots.masks(allowed, attention_mask), position_ids=pos,
+                          past_key_values=slots, use_cache=True)
+    finally:
+        slots.fill = None
+    slots.valid[rows] = False
+    slots.valid[rows, :T] = real.repeat_interleave(len(rows) // len(real), 0)
+    slots.length[rows] = T
+    return out.last_hidden_state[:, -1], pos.amax(dim=(0, 2)) + 1, n_ema  # text continues after the largest id
+
+
+def decode_step(model, slots, fed, position, active=None):
+    """Feed one new column: fed (R, D) at M-RoPE positions (3, R), each row at its own cache column. Rows not
+    `active` (R,) bool (just given a new prompt, or idle) compute a column that stays masked and is overwritten
+    later. Returns the new last states (R, D)."""
+    slots.valid[slots.row, slots.length] = True if active is None else active
+    if not slots.static:
+        slots.used = int(slots.length.max()) + 1
+    masks = slots.masks(slots.valid[:, None, None, :slots.used], slots.valid[:, :slots.used])
+    out = model.model(inputs_embeds=fed[:, None], attention_mask=masks, position_ids=position[..., None],
+                      past_key_values=slots, use_cache=True)
+    slots.length += 1 if active is None else active
+    return out.last_hidden_state[:, -1].clone()  # a copy: a CUDA-graph step reuses its output buffer
+
+
+COMPILED = {}
+
+
+def step_function(compile_step, device):
+    """decode_step, or with compile_step its torch.compile (CUDA graphs on a GPU; the cache must be static),
+    compiled once per process and shape. Within one generation every step after the first has the shapes of the
+    first, so the guards that chose the graph then are not evaluated again (on a small model they cost as much
+    as the step)."""
+    if not compile_step:
+        return decode_step
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    if mode not in COMPILED:
+        COMPILED[mode] = torch.compile(decode_step, mode=mode, dynamic=False)
+    calls = []
+
+    def step(*args):
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=bool(calls)):
+            calls.append(1)
+            return COMPILED[mode](*args)
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# continuous batching: a row that finishes takes the next prompt
+
+@torch.no_grad()
+def continuous_steps(model, head, latent_ids, latent_tokens, prompts, rows, *, max_new_tokens=512, temperature=0.0,
+                     top_p=1.0, latent_mode="model", norm_calib="none", ema_beta=0.0, stop_ids=(), generator=None,
+                     compile_step=False):
+    """latent_steps over a list of prompts with `rows` decode rows: when a row finishes (a stop id, or its
+    max_new_tokens), it takes the next prompt -- prefilled alone and written into that row of the cache --
+    while the other rows go on decoding, so no row idles until the longest one of a batch ends. A prompt is a
+    dict with input_ids (T,), pixel_values and image_grid_thw (None without an image) and optionally its own
+    max_new_tokens. Yields (Step, prompt) per step, prompt (R,) the index of the prompt each row works on (-1:
+    idle, the prompts are used up). Each prompt gets the tokens and logits of latent_steps on it alone (with
+    sampling, other draws from the generator)."""
+    check_modes(latent_mode, norm_calib)
+    K, start = latent_tokens, latent_ids["start"]
+    limits = [p.get("max_new_tokens", max_new_tokens) for p in prompts]
+    slots = KVSlots(model, rows, max(len(p["input_ids"]) + n for p, n in zip(prompts, limits)), static=compile_step)
+    rules = Rules(model, latent_ids, K, latent_mode, stop_ids)
+    step_fn = step_function(compile_step, slots.row.device)
+    dev, hidden = slots.row.device, model.get_input_embeddings().embedding_dim
+    h_last = torch.zeros(rows, hidden, dtype=slots.dtype, device=dev)  # (R, D) state of each row's last position
+    next_pos, slot = torch.zeros(rows, dtype=torch.long, device=dev), torch.full((rows,), TEXT, device=dev)
+    n_ema = torch.ones(rows, device=dev) if norm_calib == "ema" else None
+    prompt, budget = torch.full((rows,), -1, device=dev), torch.zeros(rows, dtype=torch.long, device=dev)
+    done = torch.ones(rows, dtype=torch.bool, device=dev)  # an idle row counts as done
+    queue = iter(range(len(prompts)))
+
+    def refill(r):
+        """Row r takes the next prompt (prefill it, write its cache row), or goes idle."""
+        i = next(queue, -1)
+        prompt[r], done[r] = i, i < 0
+        if i < 0:
+            return
+        p = prompts[i]
+        ids = p["input_ids"].to(dev)[None]  # (1, T): one prompt, no padding
+        pv, grid = (p[k].to(dev) if p.get(k) is not None else None for k in ("pixel_values", "image_grid_thw"))
+        h, pos, ema = prefill(model, slots, slots.row[r:r + 1], ids, torch.ones_like(ids), pv, grid,
+                              latent_ids["pad"], ema_beta if n_ema is not None else None)
+        h_last[r], next_pos[r], budget[r] = h[0], pos[0], limits[i]
+        slot[r] = 0 if int(ids[0, -1]) == start else TEXT  # a prompt may end inside a span
+        if n_ema is not None:
+            n_ema[r] = ema[0]
+
+    for r in range(rows):
+        refill(r)
+    while bool((prompt >= 0).any()):
+        token, logits, in_span, closing, done = choose(model, rules, h_last, slot, done, temperature, top_p, generator)
+        budget -= 1
+        fed = feed(model, head, token, h_last, in_span, latent_mode, n_ema, generator)
+        position = next_pos.expand(3, rows)  # (3, R)
+        yield Step(token, logits, slot, fed, position), prompt.clone()
+        slot, next_pos = next_slot(rules, slot, token, in_span, closing), next_pos + 1
+        finished = (prompt >= 0) & (done | (budget == 0))
+        for r in finished.nonzero()[:, 0].tolist():
+            refill(r)
+        active = (prompt >= 0) & ~finished  # refilled rows already hold their prompt's last state
+        h_last = torch.where(active[:, None], step_fn(model, slots, fed, position, active), h_last)
+
+
+def generate_continuous(*args, **kwargs):
+    """Yield (i, tokens) for each prompt of continuous_steps(*args, **kwargs) as it finishes: prompts[i]'s new
+    tokens (S_i,), through its stop id; the same as its row of generate() up to the first DONE."""
+    current = {}  # row -> (prompt index, its tokens so far)
+    for step, prompt in continuous_steps(*args, **kwargs):
+        for r, (i, t) in enumerate(zip(prompt.tolist(), step.token.tolist())):
+            if r in current and current[r][0] != i:  # the row moved on: its prompt is finished
+                yield current[r][0], torch.tensor(current.pop(r)[1])
+            if i >= 0:
+                current.setdefault(r, (i, []))[1].append(t)
+    for i, tokens in current.values():
+        yield i, torch.tensor(tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# latents, sampling, text
 
 def latent_vectors(head, h_bar, latent_mode, generator=None):
     """The vectors fed at latent slots, (N, D) fp32: head(h_bar), or for `noise` the head's Gaussian latents."""

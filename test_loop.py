@@ -1,0 +1,152 @@
+"""Tests of the inference paths of latent_loop.py on the tiny random Qwen2.5-VL of conftest.py: the LM head runs
+only on rows that sample text, continuous batching gives every prompt the tokens of static batching and the
+logits of its solo run (refilled rows included), the compiled step and the eager attention mask give the
+tokens and logits of the default path.
+
+    python -m pytest -q test_loop.py
+
+The cached loop == uncached recompute anchor (test_gap.py) runs on the same preallocated cache.
+"""
+import pytest
+import torch
+
+import latent_loop
+from conftest import prompts
+
+QUESTIONS = ["How many red circles are there?", "How many?", "Count the blue circles.", "How many green ones?",
+             "Are there yellow circles?", "What is left of the circle?"]
+STOP = 400  # a token the random model emits greedily in some answers, at different steps: rows end unevenly
+LIMITS = [16, 16, 16, 12, 5, 14]  # per-prompt max_new_tokens: more uneven ends
+
+
+def loop_args(g):
+    return g.backbone, g.head, g.latent_ids, g.latent_tokens
+
+
+@pytest.fixture(scope="module")
+def mix(world, gap):
+    """The prompts (prompt 2 ends in <|latent_start|>: a latent span), one by one as continuous_steps takes them,
+    and each one's solo run through latent_steps (tokens and logits per step)."""
+    g, tokenizer, image_processor = gap
+    batch = prompts(world, tokenizer, image_processor, QUESTIONS, (2,))
+    items = []
+    for i in range(len(QUESTIONS)):
+        real = batch["attention_mask"][i].bool()
+        grid = batch["image_grid_thw"][i:i + 1]
+        first = int(batch["image_grid_thw"][:i].prod(-1).sum())  # pixel rows of the earlier images
+        items.append(dict(input_ids=batch["input_ids"][i][real], image_grid_thw=grid, max_new_tokens=LIMITS[i],
+                          pixel_values=batch["pixel_values"][first:first + int(grid.prod())]))
+    solo = []
+    for it in items:
+        ids = it["input_ids"][None]  # (1, T)
+        steps = list(latent_loop.latent_steps(*loop_args(g), ids, torch.ones_like(ids), it["pixel_values"],
+                                              it["image_grid_thw"], max_new_tokens=it["max_new_tokens"],
+                                              stop_ids=[STOP]))
+        solo.append(dict(tokens=torch.stack([s.token[0] for s in steps]),
+                         logits=torch.stack([s.logits[0] for s in steps])))
+    return dict(batch=batch, items=items, solo=solo)
+
+
+def test_lm_head_runs_on_text_rows_only(world, gap, mix):
+    """Rows inside a latent span, closing one, or done get no LM head row (and NaN logits); text rows get all."""
+    g = gap[0]
+    b = mix["batch"]
+    seen = []
+    hook = g.backbone.lm_head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    try:
+        steps = list(latent_loop.latent_steps(*loop_args(g), b["input_ids"], b["attention_mask"], b["pixel_values"],
+                                              b["image_grid_thw"], max_new_tokens=16, stop_ids=[STOP]))
+    finally:
+        hook.remove()
+    text = [int(((s.slot == latent_loop.TEXT) & (s.token != latent_loop.DONE)).sum()) for s in steps]
+    assert sum(text) < len(steps) * len(QUESTIONS), "the run must have latent and done rows to mean anything"
+    assert sum(seen) == sum(text)
+    for s in steps:
+        sampled = (s.slot == latent_loop.TEXT) & (s.token != latent_loop.DONE)
+        assert torch.isnan(s.logits[~sampled]).all() and not torch.isnan(s.logits[sampled]).any()
+
+
+def test_continuous_batching_equals_static_batching(gap, mix):
+    """Two rows through six prompts of uneven lengths: every prompt's tokens are its row of one static batch
+    (greedy), cut at its stop id or its own max_new_tokens."""
+    g = gap[0]
+    b = mix["batch"]
+    static = latent_loop.generate(*loop_args(g), b["input_ids"], b["attention_mask"], b["pixel_values"],
+                                  b["image_grid_thw"], max_new_tokens=max(LIMITS), stop_ids=[STOP])
+    out = dict(latent_loop.generate_continuous(*loop_args(g), mix["items"], 2, stop_ids=[STOP]))
+    assert sorted(out) == list(range(len(QUESTIONS)))
+    ends = set()
+    for i, tokens in out.items():
+        n = len(tokens)
+        assert torch.equal(tokens, static[i, :n]), f"prompt {i}"
+        stopped = int(tokens[-1]) == STOP
+        assert stopped or n == LIMITS[i], f"prompt {i} ended early"
+        assert (static[i, n:] == latent_loop.DONE).all() or not stopped
+        ends.add(n)
+    assert len(ends) >= 4, "answers of uneven lengths: rows must be refilled at different steps"
+
+
+def test_refilled_rows_equal_solo_generation(gap, mix):
+    """Every prompt, whichever row takes it and whatever the other row is doing then, gets the logits (1e-5)
+    and the tokens of its solo run; prompts 2..5 go into rows that held an earlier prompt (the refill path)."""
+    g = gap[0]
+    per_prompt = {}
+    rows_of = {}
+    for step, prompt in latent_loop.continuous_steps(*loop_args(g), mix["items"], 2, stop_ids=[STOP]):
+        for r, i in enumerate(prompt.tolist()):
+            if i >= 0:
+                per_prompt.setdefault(i, []).append((step.token[r], step.logits[r]))
+                rows_of.setdefault(i, set()).add(r)
+    assert all(len(rows_of[i]) == 1 for i in rows_of)
+    assert len(per_prompt) == len(QUESTIONS)
+    for i, solo in enumerate(mix["solo"]):
+        tokens = torch.stack([t for t, _ in per_prompt[i]])
+        logits = torch.stack([lg for _, lg in per_prompt[i]])
+        assert torch.equal(tokens, solo["tokens"]), f"prompt {i}"
+        assert torch.equal(torch.isnan(logits), torch.isnan(solo["logits"])), f"prompt {i}: text steps differ"
+        torch.testing.assert_close(logits, solo["logits"], atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_compiled_step_equals_eager(gap, mix, monkeypatch):
+    """compile_step (a static cache: attention over every column, guards skipped after the first step) gives
+    the eager loop's tokens and logits. Traced by dynamo with the eager backend: the same graph, no C++ build."""
+    g = gap[0]
+    b = mix["batch"]
+    monkeypatch.setitem(latent_loop.COMPILED, None, torch.compile(latent_loop.decode_step, backend="eager"))
+    args = (*loop_args(g), b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
+    eager = list(latent_loop.latent_steps(*args, max_new_tokens=12))
+    compiled = list(latent_loop.latent_steps(*args, max_new_tokens=12, compile_step=True))
+    assert torch.equal(torch.stack([s.token for s in eager]), torch.stack([s.token for s in compiled]))
+    torch.testing.assert_close(torch.stack([s.logits for s in compiled]), torch.stack([s.logits for s in eager]),
+                               atol=1e-5, rtol=1e-5, equal_nan=True)
+    out = dict(latent_loop.generate_continuous(*loop_args(g), mix["items"], 2, stop_ids=[STOP], compile_step=True))
+    for i, solo in enumerate(mix["solo"]):
+        assert torch.equal(out[i], solo["tokens"][solo["tokens"] != latent_loop.DONE]), f"prompt {i}"
+
+
+def test_eager_attention_mask_equals_sdpa(gap, mix):
+    """The additive mask the loop builds for eager attention gives the logits of the boolean sdpa mask."""
+    g = gap[0]
+    b = mix["batch"]
+    args = (*loop_args(g), b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
+    sdpa = torch.stack([s.logits for s in latent_loop.latent_steps(*args, max_new_tokens=8)])
+    g.backbone.set_attn_implementation("eager")
+    try:
+        eager = torch.stack([s.logits for s in latent_loop.latent_steps(*args, max_new_tokens=8)])
+    finally:
+        g.backbone.set_attn_implementation("sdpa")
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_bench_infer_mode_runs():
+    """bench.py --mode infer at toy sizes: every measurement is there and positive, and its eval mix (uneven
+    answer lengths, every answer opening a latent span) comes out identical from static and continuous batching."""
+    import bench
+    rows = bench.main(bench.BenchConfig(mode="infer", hidden=32, context=24, latent_tokens=4, rows=2, eval_prompts=5,
+                                        median_new=6, new_tokens=4, repeats=1))
+    by = {r["name"]: r for r in rows}
+    assert {"latent step / text step", "recompute / cached, 4 latents", "decode step ms, batch 2",
+            "eval samples/s, continuous / static"} <= set(by)
+    assert all(r["value"] > 0 for r in rows)
+    mix = by["eval samples/s, continuous / static"]
+    assert mix["identical_outputs"] and mix["max_new"] > mix["median_new"]
