@@ -1,10 +1,15 @@
 """Plumbing shared by the entry points (train.py, infer.py, difficulty.py, data.py, toy.py, bench.py): the CLI
 built from a @dataclass, atomic writes, the device and process-group setup, bad-input errors and the
-skip-and-count policy, and failing every rank together. No GAP logic lives here.
+skip-and-count policy, failing every rank together, and result files sharded over ranks (resumable, merged in
+input order). No GAP logic lives here.
 """
 import argparse
 import contextlib
+import itertools
 import dataclasses
+import datetime
+import hashlib
+import json
 import os
 import shutil
 import sys
@@ -90,6 +95,9 @@ def attn_implementation():
     return "sdpa"
 
 
+_GROUPS = itertools.count()  # process groups this process has made
+
+
 def setup_distributed():
     """(rank, world, device). One process without torchrun; a process group (nccl on GPU, gloo on CPU) under it."""
     if "RANK" not in os.environ:
@@ -97,7 +105,20 @@ def setup_distributed():
     local = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    attempt = f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}_{next(_GROUPS)}"
+    if attempt == "0_0":
+        dist.init_process_group(backend)
+    else:
+        # workers restarted by torchrun (--max-restarts), or a process that makes a second group (bench.py --mode
+        # smoke), meet in the same store as the group before; its keys (the old ranks' addresses) must not be
+        # read, so each group gets its own prefix (without it gloo connected to dead addresses and hung)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=rank == 0 and not agent_store)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"gap_group_{attempt}", store), rank=rank,
+                                world_size=world)
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -166,3 +187,99 @@ class BadExamples:
             raise DataError(message)
         self.count += 1
         print(f"skipping bad example: {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# results sharded over ranks (difficulty.py, infer.py --data): each rank appends its finished chunks to
+# OUT-stem.rankR.jsonl, a restart skips the ids already in any part file, rank 0 merges in input order
+
+def output_paths(out):
+    """(part file pattern with {} for the rank, config sidecar, summary) beside OUT."""
+    stem = out[:-len(".jsonl")] if out.endswith(".jsonl") else out
+    return stem + ".rank{}.jsonl", stem + ".config.json", stem + ".summary.json"
+
+
+def clear_outputs(out):
+    """Remove OUT and everything beside it that a run wrote, so that the next run starts fresh."""
+    pattern, config_path, summary_path = output_paths(out)
+    for path in [out, config_path, summary_path, *part_files(pattern)]:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def part_files(pattern):
+    folder, name = os.path.split(pattern)
+    prefix, suffix = name.split("{}")
+    names = os.listdir(folder or ".")
+    return sorted(os.path.join(folder, f) for f in names
+                  if f.startswith(prefix) and f.endswith(suffix) and f[len(prefix):-len(suffix)].isdigit())
+
+
+def read_part(path):
+    """({id: line}, n_bytes) of the complete result lines at the start of a part file. A line torn by a kill
+    (no newline, or not JSON) and anything after it is not part of them."""
+    results, good = {}, 0
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:  # JSON or UTF-8 cut mid-way
+                    break
+                if not line.endswith(b"\n") or not isinstance(r, dict) or "id" not in r:
+                    break
+                results[str(r["id"])] = line.decode()
+                good += len(line)
+    return results, good
+
+
+def rank_barrier(world):
+    """A barrier over a gloo group with a long timeout (ranks of a sharded run may finish hours apart)."""
+    if world == 1:
+        return lambda: None
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    return lambda: dist.barrier(group=group)
+
+
+def resume_parts(out, run_config, rank, barrier):
+    """Start or resume a sharded run that writes OUT. The flags that change results (`run_config`) are kept in
+    OUT-stem.config.json; a run with other ones fails while parts are there. Returns ({id: line} of every
+    rank's finished results, this rank's part file, cut back to its complete lines)."""
+    pattern, config_path, _ = output_paths(out)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    parts = part_files(pattern)
+    if os.path.exists(config_path) and parts:
+        with open(config_path) as f:
+            before = json.load(f)
+        if before != run_config:
+            changed = {k: (before.get(k), v) for k, v in run_config.items() if before.get(k) != v}
+            raise ValueError(f"{config_path}: the parts beside it were made with other flags "
+                             f"(was, now): {changed}; use those, or another --out")
+    done, mine = {}, pattern.format(rank)
+    for path in parts:  # parts of any rank count: the output does not depend on the rank
+        done.update(read_part(path)[0])
+    keep = read_part(mine)[1]
+    barrier()  # every rank has read the parts before any rank changes them
+    if os.path.exists(mine):
+        os.truncate(mine, keep)  # drop a line torn by a kill
+    if rank == 0 and not (parts and os.path.exists(config_path)):
+        atomic_write_text(config_path, json.dumps(run_config, indent=2) + "\n")
+    return done, mine
+
+
+def merge_parts(out, ids):
+    """Rank 0, after every rank is done: the result lines of `ids` from all part files, in that order."""
+    pattern = output_paths(out)[0]
+    results = {}
+    for path in part_files(pattern):
+        results.update(read_part(path)[0])
+    missing = [i for i in ids if i not in results]
+    if missing:
+        raise RuntimeError(f"{len(missing)} examples have no result in {pattern.format('*')} "
+                           f"(first: {missing[0]!r}); re-run to finish them")
+    return [results[i] for i in ids]
+
+
+def chunk_seed(seed, first_id):
+    """A stable 63-bit seed from (seed, id) for a chunk's generator; Python's hash() is salted per process."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{first_id}".encode()).digest()[:8], "little") >> 1

@@ -25,18 +25,16 @@ into OUT (atomically) and writes OUT-stem.summary.json; the part files stay, so 
 Answers are extracted and matched by answers.py, the same matcher infer.py evaluates with.
 """
 import dataclasses
-import datetime
-import hashlib
 import json
 import os
-import re
 from dataclasses import field
 
 import torch
 import torch.distributed as dist
 
 from answers import answers_match, extract_answer
-from common import BadExamples, DataError, atomic_write_text, parse_config, run_main, setup_distributed
+from common import (BadExamples, DataError, atomic_write_text, chunk_seed, merge_parts, output_paths, parse_config,
+                    rank_barrier, resume_parts, run_main, setup_distributed)
 from data import PLACEHOLDER, DataSpec, collate, encode_prompt, open_image, read_jsonl
 from latent_head import LatentHead
 from model import GAP, add_latent_tokens, load_backbone
@@ -78,11 +76,6 @@ def load_scorer(path, device=None):
     return GAP(backbone, head, ids, latent_tokens=0).eval(), tokenizer, image_processor
 
 
-def chunk_seed(seed, first_id):
-    """A stable 63-bit seed from (seed, id); Python's hash() is salted per process."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{first_id}".encode()).digest()[:8], "little") >> 1
-
-
 def score_chunk(gap, tokenizer, image_processor, chunk, cfg: DifficultyConfig):
     """Result lines (JSON + newline) of one chunk of examples, from one generate call in which each prompt
     is prefilled once and decoded in N rows (row b*N + j is sample j of prompt b). A bad image is an error,
@@ -94,8 +87,8 @@ def score_chunk(gap, tokenizer, image_processor, chunk, cfg: DifficultyConfig):
         try:
             items.append(encode_prompt(tokenizer, image_processor, open_image(r, "image"), r["question"], spec,
                                        r["id"]))
-        except DataError as e:
-            bad.add(str(e))  # raises unless --skip_bad; a skipped example is recorded so a resume skips it too
+        except DataError as e:  # not bad.guard(): a skipped example also gets a line, so a resume skips it too
+            bad.add(str(e))  # raises unless --skip_bad
             lines[r["id"]] = json.dumps({"id": r["id"], "_skipped": str(e)}) + "\n"
     if items:
         dev, n = gap.backbone.device, cfg.samples
@@ -118,48 +111,9 @@ def score_chunk(gap, tokenizer, image_processor, chunk, cfg: DifficultyConfig):
     return [lines[r["id"]] for r in chunk]
 
 
-def output_paths(out):
-    """(part file pattern with {} for the rank, config sidecar, summary) beside OUT."""
-    stem = out[:-len(".jsonl")] if out.endswith(".jsonl") else out
-    return stem + ".rank{}.jsonl", stem + ".config.json", stem + ".summary.json"
-
-
-def part_files(pattern):
-    folder, name = os.path.split(pattern)
-    prefix, suffix = name.split("{}")
-    names = os.listdir(folder or ".")
-    return sorted(os.path.join(folder, f) for f in names
-                  if f.startswith(prefix) and f.endswith(suffix) and f[len(prefix):-len(suffix)].isdigit())
-
-
-def read_part(path):
-    """({id: line}, n_bytes) of the complete result lines at the start of a part file. A line torn by a kill
-    (no newline, or not JSON) and anything after it is not part of them."""
-    results, good = {}, 0
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:  # JSON or UTF-8 cut mid-way
-                    break
-                if not line.endswith(b"\n") or not isinstance(r, dict) or "id" not in r:
-                    break
-                results[str(r["id"])] = line.decode()
-                good += len(line)
-    return results, good
-
-
-def merge(cfg: DifficultyConfig, rows, bad_lines, pattern, summary_path, world):
+def merge(cfg: DifficultyConfig, rows, bad_lines, summary_path, world):
     """Rank 0, after every rank is done: the parts -> OUT in input order, and the summary."""
-    results = {}
-    for path in part_files(pattern):
-        results.update(read_part(path)[0])
-    missing = [r["id"] for r in rows if r["id"] not in results]
-    if missing:
-        raise RuntimeError(f"{len(missing)} examples have no result in {pattern.format('*')} "
-                           f"(first: {missing[0]!r}); re-run to score them")
-    lines = [results[r["id"]] for r in rows]
+    lines = merge_parts(cfg.out, [r["id"] for r in rows])
     parsed = [json.loads(line) for line in lines]
     atomic_write_text(cfg.out, "".join(line for line, s in zip(lines, parsed) if "_skipped" not in s))
     scored = [(r, s) for r, s in zip(rows, parsed) if "_skipped" not in s]
@@ -184,28 +138,9 @@ def main(cfg: DifficultyConfig):
     if cfg.samples < 1 or cfg.batch_size < 1:
         raise ValueError(f"--samples and --batch_size must be >= 1, got {cfg.samples} and {cfg.batch_size}")
     rank, world, device = setup_distributed()
-    # a gloo group with a long timeout for the barriers: ranks may finish hours apart
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7)) if world > 1 else None
-    barrier = (lambda: dist.barrier(group=group)) if world > 1 else (lambda: None)  # noqa: E731
+    barrier = rank_barrier(world)
     rows, bad_lines = read_jsonl(cfg.data, cfg.skip_bad, need_response=False, need_answer=True)
-    pattern, config_path, summary_path = output_paths(cfg.out)
-    run_config = {k: getattr(cfg, k) for k in SAMPLING_KEYS}
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            before = json.load(f)
-        if before != run_config:
-            changed = {k: (before.get(k), v) for k, v in run_config.items() if before.get(k) != v}
-            raise ValueError(f"{config_path}: the parts beside it were sampled with other flags "
-                             f"(was, now): {changed}; use those, or another --out")
-    done, mine = {}, pattern.format(rank)
-    for path in part_files(pattern):  # parts of any rank count: the output does not depend on the rank
-        done.update(read_part(path)[0])
-    keep = read_part(mine)[1]
-    barrier()  # every rank has read the parts before any rank changes them
-    if os.path.exists(mine):
-        os.truncate(mine, keep)  # drop a line torn by a kill
-    if rank == 0 and not os.path.exists(config_path):
-        atomic_write_text(config_path, json.dumps(run_config, indent=2) + "\n")
+    done, mine = resume_parts(cfg.out, {k: getattr(cfg, k) for k in SAMPLING_KEYS}, rank, barrier)
 
     chunks = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)][rank::world]
     todo = [c for c in chunks if any(r["id"] not in done for r in c)]
@@ -220,7 +155,7 @@ def main(cfg: DifficultyConfig):
             f.flush()
             os.fsync(f.fileno())
     barrier()
-    summary = merge(cfg, rows, bad_lines, pattern, summary_path, world) if rank == 0 else None
+    summary = merge(cfg, rows, bad_lines, output_paths(cfg.out)[2], world) if rank == 0 else None
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
