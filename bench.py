@@ -1,7 +1,8 @@
 """Benchmarks of the two hot loops, on randomly initialized Qwen2.5-VL models (no files, no download).
 
---mode train (default): tokens/s, model FLOPs utilization (MFU) and peak memory of train.py's own step
-(GAP.forward + train.train_step + AdamW, wrapped as train.py wraps it), padded micro-batches against packed rows
+--mode train (default): tokens/s, model FLOPs utilization (MFU) and peak memory of train.py's step on ready
+micro-batches (GAP.forward + the micro-step loop of train.main + AdamW, wrapped as train.py wraps it), padded
+micro-batches against packed rows
 on the same length mix, for each attention backend that is available.
 
     python bench.py                                   # tiny shapes on the CPU (what the README reports)
@@ -14,6 +15,21 @@ generate calls per prompt, on a tiny random Qwen2.5-VL (tiny.build_tiny) in a te
 
     OMP_NUM_THREADS=1 python bench.py --mode sample                                  # 56 px images: 4 image tokens
     OMP_NUM_THREADS=1 python bench.py --mode sample --image_side 448 --hidden 256    # 256 image tokens
+
+--mode infer: the latent loop (latent_loop.py) on a random model with a PCA latent head, in one run on one model
+and context: a latent step (head + decoder) against a text step (decoder + LM head + sampling) at batch 1; the
+cached loop (prefill + K latents) against recomputing the whole sequence for each latent (COCONUT's way); a
+batch of --rows prompts against --rows single calls; the decode step in ms at batch 1 and --rows (with
+--compile also through torch.compile; on a GPU next to the time to read the weights once at peak HBM
+bandwidth); and eval samples/s on a long-tailed mix (--eval_prompts prompts, each opening a K-latent span,
+log-normal answer lengths with median --median_new and P90 4x that, given to each prompt as its
+max_new_tokens; greedy, no stop ids) with static batches of --rows against continuous batching in --rows rows,
+whose outputs must be identical. Step times run from the first to the last step of a generation (no
+prefill), best of --repeats. --loop_file times another copy of latent_loop.py (e.g. the one before a change).
+
+    OMP_NUM_THREADS=1 python bench.py --mode infer --hidden 128 --compile        # tiny: d=128, 2 layers
+    OMP_NUM_THREADS=1 python bench.py --mode infer --shapes small --compile       # d=512, 4 layers
+    python bench.py --mode infer --shapes 7b --device cuda --rows 32 --compile    # 7B shapes, random weights
 
 Training shapes (tiny.tiny_config with SHAPES' overrides): `7b` are Qwen2.5-VL-7B's (hidden 3584, intermediate
 18944, 28 heads / 4 KV heads, vocab 152064; vision tower 32 blocks of 1280) with --layers decoder layers (as many
@@ -44,6 +60,8 @@ from dataclasses import field
 
 import torch
 
+from losses import IGNORE
+
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, no sparsity
 
 
@@ -51,8 +69,10 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # 
 class BenchConfig:
     """Benchmark train.py's training step (padded vs packed, per attention backend) or difficulty.py's sampler."""
     mode: str = field(default="train", metadata={"help": "train: the training step; sample: shared-prefill "
-                                                         "sampling; loader: train.py with 0 vs N DataLoader workers",
-                                                 "choices": ["train", "sample", "loader"]})
+                                                         "sampling; loader: train.py with 0 vs N DataLoader workers; "
+                                                         "infer: the latent loop's decode; smoke: one bf16 step "
+                                                         "of each GPU path (run it first on a GPU machine)",
+                                                 "choices": ["train", "sample", "loader", "infer", "smoke"]})
     layers: int = field(default=0, metadata={"help": "decoder layers (0: the shape's own; 7b: 28; sample: tiny's 2)"})
     seed: int = field(default=0, metadata={"help": "weights, length mix and sampling"})
     out: str = field(default="", metadata={"help": "also write the results here as JSON"})
@@ -81,6 +101,15 @@ class BenchConfig:
     workers: int = field(default=2, metadata={"help": "DataLoader workers to compare with 0"})
     loader_image: int = field(default=896, metadata={"help": "side in px of the PNGs written for the loader mode"})
     loader_pixels: int = field(default=448 * 448, metadata={"help": "image_max_pixels given to train.py"})
+    # --mode infer (also uses shapes, layers, hidden (tiny's width), latent_tokens, repeats, device)
+    context: int = field(default=1024, metadata={"help": "prompt tokens for the step ratios and the recompute"})
+    rows: int = field(default=8, metadata={"help": "decode rows: batched vs one at a time, static vs continuous"})
+    eval_prompts: int = field(default=32, metadata={"help": "prompts in the long-tailed eval mix"})
+    median_new: int = field(default=300, metadata={"help": "eval mix: median new tokens (log-normal, P90 = 4x)"})
+    new_tokens: int = field(default=64, metadata={"help": "new tokens per row for batched vs one at a time"})
+    compile: bool = field(default=False, metadata={"help": "also time the decode step under torch.compile"})
+    loop_file: str = field(default="", metadata={"help": "time this copy of latent_loop.py's decode step instead "
+                                                         "(e.g. git show HEAD~1:latent_loop.py > old.py)"})
 
 
 # shape -> (text, vision, image tokens range, median response tokens)
@@ -128,7 +157,7 @@ def length_mix(cfg: BenchConfig, tokenizer, latent_ids, n, rng):
         ids, labels = response_ids(tokenizer, f"<think>{text} <latent> so</think><answer>3</answer>", latent_ids,
                                    cfg.latent_tokens, True)
         items.append(dict(id=str(i), input_ids=torch.tensor(prompt + ids),
-                          labels=torch.tensor([-100] * len(prompt) + labels),
+                          labels=torch.tensor([IGNORE] * len(prompt) + labels),
                           pixel_values=torch.randn(4 * h * w, 3 * 2 * 14 * 14), image_grid_thw=grid,
                           latent_targets=None))
     return items
@@ -143,7 +172,7 @@ def model_flops(config, items):
     total = 0.0
     for it in items:
         T = len(it["input_ids"])
-        n_sup = int((it["labels"][1:] != -100).sum())
+        n_sup = int((it["labels"][1:] != IGNORE).sum())
         total += 3 * L * (2 * dense * T + 2 * T * T * d) + 6 * d * t.vocab_size * n_sup
         total += 2 * vis * int(it["image_grid_thw"].prod())
     return total
@@ -217,18 +246,19 @@ def run(cfg: BenchConfig, attn, rank, world, device, tokenizer):
 
 
 def train_step(model, gap, opt, micro, tcfg, device, world):
-    """One optimizer step on ready micro-batches, as train.main runs it (see the loop there): sync on the last
-    micro-step, loss normalized by the global counts, weight-0 repeats so ranks run the same number of forwards."""
+    """One optimizer step on ready micro-batches, a copy of the step in train.main's loop without its data
+    loading and logging (keep the two alike): sync on the last micro-step, loss normalized by the global counts,
+    weight-0 repeats so ranks run the same number of forwards."""
     import train
     from common import all_reduce
-    from losses import IGNORE, total_loss
-    n_lm = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro)
+    from losses import lm_targets, total_loss
+    n_lm = sum(int(lm_targets(mb["labels"], mb["input_ids"], gap.latent_ids).sum()) for mb in micro)
     n_latent = sum(len(mb["latent_targets"]) for mb in micro if mb["latent_targets"] is not None)
     n_lm, n_latent = all_reduce([n_lm, n_latent], device)
     (n_micro,) = all_reduce([len(micro)], device, torch.distributed.ReduceOp.MAX if world > 1 else None)
     for j in range(int(n_micro)):
         train.set_grad_sync(model, j == n_micro - 1)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and not tcfg.fsdp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.bf16(tcfg, device) and not tcfg.fsdp):
             out = model(**train.to_device(micro[min(j, len(micro) - 1)], device))
         (total_loss(out, n_lm, n_latent, tcfg.lambda_latent) * world * float(j < len(micro))).backward()
     torch.nn.utils.clip_grad_norm_(gap.parameters(), tcfg.grad_clip)
@@ -382,7 +412,7 @@ def bench_loader(cfg: BenchConfig):
                 micro_batch=cfg.micro_batch, epochs=1, image_max_pixels=cfg.loader_pixels, num_workers=workers,
                 out_dir=os.path.join(tmp, "out"), log_every=10 ** 6, seed=cfg.seed))
             times = run["step_s"][cfg.warmup:]
-            rows.append(dict(workers=workers, step_s=sum(times) / len(times), steps=len(times)))
+            rows.append(dict(workers=workers, step_s=sum(times) / len(times), steps=len(times), losses=run["losses"]))
     print(f"train.py, tiny Qwen2.5-VL (hidden {cfg.hidden}, {cfg.layers or 2} layers), {cfg.micro_batch} images per "
           f"micro-batch ({cfg.loader_image}x{cfg.loader_image * 3 // 4} px PNGs, max_pixels {cfg.loader_pixels}), "
           f"{torch.get_num_threads()} torch threads")
@@ -392,10 +422,214 @@ def bench_loader(cfg: BenchConfig):
     return rows
 
 
+PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L40S": 0.864e12}  # bytes/s
+
+
+def bench_infer(cfg: BenchConfig):
+    """The latent loop at inference on a random model (module docstring, --mode infer): step ratios, cache vs
+    recompute, batched vs single, static vs continuous batching on a long-tailed mix; one row per measurement."""
+    import importlib.util
+
+    import latent_loop
+    import tiny
+    from common import atomic_write_text, attn_implementation
+    from latent_head import LatentHead
+    from model import add_latent_tokens
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    loop = latent_loop
+    if cfg.loop_file:  # another version of the loop, e.g. the one before a change
+        spec = importlib.util.spec_from_file_location("latent_loop_under_test", cfg.loop_file)
+        loop = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loop)
+    device = torch.device(cfg.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    tokenizer = tiny.build_tokenizer(tiny.corpus_texts())
+    attn = attn_implementation() if device.type == "cuda" else "sdpa"
+    config = (tiny.tiny_config(tokenizer, cfg.hidden, cfg.layers or 2, attn=attn) if cfg.shapes == "tiny"
+              else make_config(cfg, tokenizer, attn))
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
+    ids = add_latent_tokens(model, tokenizer)
+    d, K, R = config.text_config.hidden_size, cfg.latent_tokens, cfg.rows
+    k = min(d, 629)  # the PCA head of the paper: 629 components at 7B
+    head = LatentHead("pca", d, basis=dict(P=torch.linalg.qr(torch.randn(d, k))[0], mu=torch.zeros(d),
+                                           eigenvalues=torch.ones(k))).to(device)
+    words = range(len(tiny.QWEN_SPECIALS), min(ids.values()))  # ordinary tokens: no image, no latent ids
+
+    def prompt(n):  # (n,) random ordinary tokens
+        return torch.tensor(rng.choices(words, k=n), device=device)
+
+    def gen(x, n, **kw):  # n new tokens for unpadded prompts x (B, T), no stop ids
+        return loop.generate(model, head, ids, K, x, torch.ones_like(x), max_new_tokens=n, **kw)
+
+    def timed(fn):
+        return best_time(fn, cfg.repeats, device.type)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step_s(x, n, **kw):  # seconds per decode step: from the first to the last of n + 1 steps (no prefill)
+        def steps():
+            it = loop.latent_steps(model, head, ids, K, x, torch.ones_like(x), max_new_tokens=n + 1, **kw)
+            next(it)
+            sync()
+            t0 = time.perf_counter()
+            for _ in it:
+                pass
+            sync()
+            return time.perf_counter() - t0
+        return min(steps() for _ in range(cfg.repeats + 1)) / n
+
+    rows, text = [], dict(latent_mode="zero")  # zero: <|latent_start|> banned, every step a text step
+    context = prompt(cfg.context)[None]  # (1, T)
+    opened = torch.cat([context, torch.tensor([[ids["start"]]], device=device)], 1)  # ends in a span: K latents
+    print(f"{cfg.shapes} Qwen2.5-VL (d={d}, {config.text_config.num_hidden_layers} layers, vocab "
+          f"{config.text_config.vocab_size}) on {device} ({torch.get_num_threads()} threads), {dtype}, {attn}, "
+          f"K={K}, context {cfg.context} tokens, loop {cfg.loop_file or 'latent_loop.py'}")
+
+    # 1. a latent step (head + decoder) against a text step (decoder + LM head + sampling), batch 1
+    latent, txt = step_s(opened, K), step_s(context, K, **text)
+    rows.append(dict(name="latent step / text step", value=latent / txt, latent_ms=1e3 * latent, text_ms=1e3 * txt))
+    # 2. the cached loop (prefill + K latents) against recomputing the whole sequence for each latent
+    cached = timed(lambda: gen(opened, K + 1))
+
+    @torch.no_grad()
+    def recompute():
+        embeds = model.get_input_embeddings()(opened)  # (1, T + 1, D)
+        for _ in range(K):
+            n = embeds.shape[1]
+            h = model.model(inputs_embeds=embeds, attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
+                            position_ids=torch.arange(n, device=device).expand(3, 1, n)).last_hidden_state
+            embeds = torch.cat([embeds, head(h[:, -1:]).to(embeds.dtype)], 1)
+
+    again = timed(recompute)
+    rows.append(dict(name=f"recompute / cached, {K} latents", value=again / cached, cached_s=cached, recompute_s=again))
+    # 3. one batch of R prompts against R calls of one prompt, same new tokens
+    batch = torch.stack([prompt(cfg.context) for _ in range(R)])  # (R, T)
+    together = timed(lambda: gen(batch, cfg.new_tokens, **text))
+    alone = timed(lambda: [gen(batch[i:i + 1], cfg.new_tokens, **text) for i in range(R)])
+    rows.append(dict(name=f"batch of {R} / {R} single calls, throughput", value=alone / together,
+                     batched_s=together, single_s=alone))
+    # decode step time at batch 1 and R, eager and compiled
+    for r in (1, R):
+        x = batch[:r]
+        rows.append(dict(name=f"decode step ms, batch {r}", value=1e3 * step_s(x, cfg.new_tokens, **text)))
+        if cfg.compile:
+            gen(x, cfg.new_tokens + 1, compile_step=True, **text)  # compiles once for this shape
+            rows.append(dict(name=f"decode step ms, batch {r}, compiled",
+                             value=1e3 * step_s(x, cfg.new_tokens, compile_step=True, **text)))
+    if device.type == "cuda":  # batch 1 reads every decoder and LM-head weight once per token
+        weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                      if "visual" not in n and "embed_tokens" not in n)
+        bw = next((v for name, v in PEAK_HBM.items() if name in torch.cuda.get_device_name(device)), None)
+        if bw:
+            rows.append(dict(name="decode step ms, batch 1, weight-bandwidth limit", value=1e3 * weights / bw))
+    # 4. eval samples/s on a long-tailed length mix: static batches of R against continuous batching in R rows
+    if hasattr(loop, "generate_continuous"):
+        items = []
+        for i in range(cfg.eval_prompts):  # P90 / median of the log-normal = exp(1.2816 * 1.08) = 4.0
+            n_new = int(min(8 * cfg.median_new, max(8, rng.lognormvariate(math.log(cfg.median_new), 1.08))))
+            ids_i = torch.cat([prompt(rng.randint(cfg.context // 8, cfg.context // 2)),
+                               torch.tensor([ids["start"]], device=device)])  # every answer opens with a span
+            items.append(dict(input_ids=ids_i, pixel_values=None, image_grid_thw=None, max_new_tokens=n_new))
+        new = sorted(it["max_new_tokens"] for it in items)
+
+        def static():
+            out = {}
+            for c in range(0, len(items), R):
+                chunk = items[c:c + R]
+                T = max(len(it["input_ids"]) for it in chunk)
+                x = torch.full((len(chunk), T), tokenizer.pad_token_id, device=device)
+                mask = torch.zeros_like(x)
+                for j, it in enumerate(chunk):  # left padding
+                    x[j, T - len(it["input_ids"]):], mask[j, T - len(it["input_ids"]):] = it["input_ids"], 1
+                longest = max(it["max_new_tokens"] for it in chunk)
+                tokens = loop.generate(model, head, ids, K, x, mask, max_new_tokens=longest)
+                out.update({c + j: tokens[j, :it["max_new_tokens"]] for j, it in enumerate(chunk)})
+            return out
+
+        results = {}
+        for name, fn in (("static", static), ("continuous", lambda: dict(loop.generate_continuous(
+                model, head, ids, K, items, R)))):
+            t0 = time.perf_counter()
+            results[name] = fn()
+            rows.append(dict(name=f"eval samples/s, {name} batching", value=len(items) / (time.perf_counter() - t0)))
+        same = all(torch.equal(results["static"][i].cpu(), results["continuous"][i].cpu()) for i in range(len(items)))
+        rows.append(dict(name="eval samples/s, continuous / static", value=rows[-1]["value"] / rows[-2]["value"],
+                         identical_outputs=same, prompts=len(items), median_new=new[len(new) // 2],
+                         p90_new=new[int(0.9 * len(new))], max_new=new[-1]))
+    for r in rows:
+        extra = {k: v for k, v in r.items() if k not in ("name", "value")}
+        print(f"{r['name']:<52} {r['value']:>9.3f}  " + " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()))
+    if cfg.out:
+        atomic_write_text(cfg.out, json.dumps(dict(config=dataclasses.asdict(cfg), device=str(device),
+                                                   threads=torch.get_num_threads(), rows=rows), indent=2) + "\n")
+    return rows
+
+
+def bench_smoke(cfg: BenchConfig):
+    """The GPU code paths before a real run: one bf16 training step (train.main itself) for DDP and FSDP2, padded
+    and packed, with SDPA and with FlashAttention-2 when it imports, on a tiny model and sample data written to a
+    temporary directory; checks finite losses and the attention backend in use, reports time and peak memory.
+    Run it first on a new GPU machine, under torchrun with the GPUs you have (on a CPU it runs under gloo and says
+    what it skipped):  torchrun --nproc_per_node 2 bench.py --mode smoke"""
+    import math
+    import tiny
+    import train
+    from common import attn_implementation
+    from data import TargetsConfig, extract_targets
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    root = tempfile.mkdtemp(prefix=f"gap_smoke_rank{rank}_")  # each rank its own copy: no process group yet
+    model_dir = tiny.build_tiny(os.path.join(root, "tiny"))
+    data = tiny.write_sample_data(os.path.join(root, "data"), max(8, 4 * world))
+    extract_targets(TargetsConfig(model=model_dir, data=data, latent_tokens=4, cache_dir=os.path.join(root, "cache")))
+    attns = ["sdpa"] + (["flash_attention_2"] if attn_implementation() == "flash_attention_2" else [])
+    notes = [] if cuda else ["no GPU: bf16 runs on the CPU under gloo, memory is the process's peak RSS"]
+    if "flash_attention_2" not in attns:
+        notes.append("flash_attention_2 skipped: flash_attn does not import here, or no GPU")
+    rows = []
+    for attn in attns:
+        for fsdp in (False, True):
+            for pack in (False, True):
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.time()
+                run = train.main(train.TrainConfig(
+                    model=model_dir, data=data, target_cache=os.path.join(root, "cache"), latent_tokens=4,
+                    adapter_dim=16, global_batch=2 * world, micro_batch=1, max_steps=1, pack=pack, max_len=512,
+                    fsdp=fsdp, precision="bf16", attn=attn, num_workers=0, log_every=1,
+                    out_dir=os.path.join(root, "out"), fresh=True))
+                rows.append(dict(attn=attn, used=run["attn"], wrap="FSDP2" if fsdp else "DDP" if world > 1 else "none",
+                                 layout="packed" if pack else "padded", loss=run["losses"][0],
+                                 finite=all(math.isfinite(x) for x in run["losses"][0]), seconds=time.time() - t0,
+                                 peak_gib=peak_memory(torch.device("cuda" if cuda else "cpu"))))
+    if rank == 0:
+        print(f"\nsmoke: {world} rank(s), bf16, device {'cuda' if cuda else 'cpu'}")
+        print(f"{'attention':<18}{'in use':<18}{'wrap':<7}{'layout':<8}{'loss_lm':>9}{'loss_lat':>9}{'s':>7}{'peak GiB':>9}")
+        for r in rows:
+            print(f"{r['attn']:<18}{r['used']:<18}{r['wrap']:<7}{r['layout']:<8}{r['loss'][0]:>9.4f}{r['loss'][1]:>9.4f}"
+                  f"{r['seconds']:>7.1f}{r['peak_gib']:>9.2f}")
+        for note in notes:
+            print(f"note: {note}")
+    bad = [r for r in rows if not r["finite"] or r["used"] != r["attn"]]
+    if bad:
+        raise SystemExit(f"smoke FAILED: {len(bad)} of {len(rows)} runs had a non-finite loss or another attention "
+                         f"backend than asked for: {bad}")
+    if rank == 0:
+        print(f"smoke OK: {len(rows)} runs")
+    return rows
+
+
 def main(cfg: BenchConfig):
-    return dict(sample=bench_sample, loader=bench_loader, train=bench_train)[cfg.mode](cfg)
+    return dict(sample=bench_sample, loader=bench_loader, train=bench_train, infer=bench_infer,
+                smoke=bench_smoke)[cfg.mode](cfg)
 
 
 if __name__ == "__main__":
-    from common import parse_config
-    main(parse_config(BenchConfig))
+    from common import parse_config, run_main
+    run_main(main, parse_config(BenchConfig))

@@ -16,6 +16,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import bench
 import tiny
+from losses import IGNORE
 from model import add_latent_tokens
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,7 +38,7 @@ def measured_flops(model, items):
     time (no padding), the frozen vision tower forward only, the LM head only at supervised positions."""
     with FlopCounterMode(display=False) as counter:
         for it in items:
-            sup = torch.nonzero(it["labels"][1:] != -100)[:, 0]  # position t predicts token t + 1
+            sup = torch.nonzero(it["labels"][1:] != IGNORE)[:, 0]  # position t predicts token t + 1
             logits = model(input_ids=it["input_ids"][None], pixel_values=it["pixel_values"],
                            image_grid_thw=it["image_grid_thw"], logits_to_keep=sup).logits  # (1, n_sup, V)
             F.cross_entropy(logits[0], it["labels"][sup + 1]).backward()
@@ -89,3 +90,40 @@ def test_sample_mode(tmp_path):
                                             "generate(1 prompt, num_samples=2)", "generate(2 prompts, num_samples=2)"]
     assert all(r["seconds"] > 0 and r["samples_per_s"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
     assert all(r["variant"] in p.stdout for r in rows) and "samples/s" in p.stdout
+
+
+def test_train_mode_counts_the_length_mix():
+    """One timed step per layout: both see exactly the length mix's tokens; packing removes all padding."""
+    cfg = bench.BenchConfig(examples=4, micro_batch=2, steps=1, warmup=0, latent_tokens=4, attn="sdpa",
+                            peak_tflops=1.0)
+    tokenizer = tiny.build_tokenizer(tiny.corpus_texts())
+    ids = dict(start=1, pad=2, end=3)  # only the lengths matter here
+    items = bench.length_mix(cfg, tokenizer, ids, cfg.examples, random.Random(cfg.seed))
+    rows = bench.main(cfg)
+    by = {r["layout"]: r for r in rows}
+    assert by["padded"]["tokens"] == by["packed"]["tokens"] == sum(len(it["input_ids"]) for it in items)
+    assert by["packed"]["slots"] == by["packed"]["tokens"] < by["padded"]["slots"]
+    assert all(r["step_s"] > 0 for r in rows)
+
+
+def test_loader_mode_trains_the_same_with_workers():
+    """--mode loader runs train.main with 0 and 2 DataLoader workers: the same steps give the same losses."""
+    rows = bench.main(bench.BenchConfig(mode="loader", micro_batch=2, steps=2, warmup=1, loader_image=112,
+                                        loader_pixels=56 * 56))
+    assert [r["workers"] for r in rows] == [0, 2] and all(r["steps"] == 2 for r in rows)
+    assert rows[0]["losses"] == rows[1]["losses"] and len(rows[0]["losses"]) == 3
+
+
+def test_smoke_mode_runs_every_path_under_torchrun():
+    """bench.py --mode smoke under torchrun with 2 gloo ranks: one bf16 step of DDP and FSDP2, padded and packed,
+    each with finite losses and the attention backend asked for; on a CPU it says what it skipped."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "bench.py", "--mode", "smoke"], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "smoke OK: 4 runs" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [line.split() for line in p.stdout.splitlines() if line.startswith("sdpa ")]
+    assert sorted((r[2], r[3]) for r in rows) == [("DDP", "packed"), ("DDP", "padded"), ("FSDP2", "packed"),
+                                                  ("FSDP2", "padded")]
+    if not torch.cuda.is_available():
+        assert "note: flash_attention_2 skipped" in p.stdout

@@ -258,11 +258,8 @@ def difficulty(cfg, ckpt, data, out_path):
     """difficulty.py on the base checkpoint: accuracy = fraction of N sampled base answers (image + question
     only) that match `answer`. Returns the scored rows."""
     import difficulty as difficulty_py
-    for path in (out_path, *difficulty_py.output_paths(out_path)[1:]):
-        if os.path.exists(path):
-            os.remove(path)  # a fresh measurement, not a resume of an older run
-    for path in difficulty_py.part_files(difficulty_py.output_paths(out_path)[0]):
-        os.remove(path)
+    from common import clear_outputs
+    clear_outputs(out_path)  # a fresh measurement, not a resume of an older run
     difficulty_py.main(difficulty_py.DifficultyConfig(
         model=ckpt, data=data, out=out_path, samples=cfg.samples, temperature=cfg.difficulty_temperature,
         max_new_tokens=cfg.max_new_tokens, batch_size=max(1, cfg.eval_batch // cfg.samples), seed=cfg.seed))
@@ -273,9 +270,9 @@ def difficulty(cfg, ckpt, data, out_path):
 def evaluate(cfg, ckpt, mode, test_path):
     """infer.run_batch on the test split; returns (summary, per-example results)."""
     import infer
+    from common import clear_outputs
     out = os.path.join(cfg.out, "eval", f"{os.path.basename(ckpt)}_{mode}.jsonl")
-    if os.path.exists(out):
-        os.remove(out)  # a fresh measurement, not a resume of an older run
+    clear_outputs(out)  # a fresh measurement, not a resume of an older run
     ic = infer.InferConfig(ckpt=ckpt, data=test_path, out=out, latent_mode=mode, max_new_tokens=cfg.max_new_tokens,
                            batch_size=cfg.eval_batch, seed=cfg.seed)
     summary = infer.run_batch(ic, infer.Runner(ic))
