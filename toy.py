@@ -2,13 +2,14 @@
 evidence the answer needs, and one command that runs the whole GAP pipeline on a CPU (paper section 4 and the
 latent interventions of section 5.4 / table 6) and reports whether the latents carry signal.
 
-    python toy.py                 # default world (11 min measured on 2 CPU cores) -> out/toy/results.json + .png
+    python toy.py                 # default world (10.5 min measured on 2 CPU cores) -> out/toy/results.json + .png
     python toy.py --quick         # the same pipeline at smoke-test size, under a minute (test_toy.py runs it)
 
-Measured with the default command (600 test examples, accuracy +- stderr): clean latents (model) 0.615 +- 0.020,
-latent span banned (zero) 0.415 +- 0.020, Gaussian PCA latents (noise) 0.233 +- 0.017, so the generated latents
-carry the evidence; the base 0.360, the K=0 dense-caption control 0.735 (it beats GAP in this world), the `hidden`
-output-as-input head 0.477. A toy world on a CPU: these are not the paper's benchmarks.
+Measured with the default command (600 test examples, accuracy +- stderr): clean latents (model) 0.530 +- 0.020,
+latent span banned (zero) 0.412 +- 0.020, Gaussian PCA latents (noise) 0.228 +- 0.017, so the generated latents
+carry evidence; the base 0.360, the K=0 dense-caption control 0.735 (it beats GAP in this world), the `hidden`
+output-as-input head 0.515 (level with GAP). One seed; README "Quick start" has the per-family numbers and why they
+moved from an earlier version. A toy world on a CPU: these are not the paper's benchmarks.
 
 Stages (each with a progress bar): world (JSONL + PNGs, train/val/test) -> tokenizer + tiny Qwen2.5-VL ->
 base model (trained text-only, K=0, random vision tower scaled by --vision_scale and kept frozen, standing in for
@@ -262,7 +263,8 @@ def difficulty(cfg, ckpt, data, out_path):
     clear_outputs(out_path)  # a fresh measurement, not a resume of an older run
     difficulty_py.main(difficulty_py.DifficultyConfig(
         model=ckpt, data=data, out=out_path, samples=cfg.samples, temperature=cfg.difficulty_temperature,
-        max_new_tokens=cfg.max_new_tokens, batch_size=max(1, cfg.eval_batch // cfg.samples), seed=cfg.seed))
+        max_new_tokens=cfg.max_new_tokens, batch_size=max(1, cfg.eval_batch // cfg.samples), seed=cfg.seed,
+        tau=cfg.difficulty_tau))
     with open(out_path) as f:
         return [json.loads(line) for line in f]
 
