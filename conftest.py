@@ -106,3 +106,24 @@ def biased(backbone, token_id, value):
         finally:
             backbone.lm_head = orig
     return ctx()
+
+
+def kill_after_first_result(cmd, part, timeout=120):
+    """Start a project command, SIGKILL it once its part file holds a complete line, and return that file's line
+    count: a run interrupted mid-way, as a preemption would leave it."""
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=HERE, env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + timeout
+        while not (part.exists() and part.read_text().count("\n") >= 1):
+            assert p.poll() is None, f"the run ended before it could be killed:\n{p.stderr.read()[-3000:]}"
+            assert time.time() < deadline, f"no result line after {timeout} s"
+            time.sleep(0.02)
+        assert p.poll() is None, "the run finished before the kill: make it slower"
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.kill()
+        p.wait()
+    return part.read_text().count("\n")

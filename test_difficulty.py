@@ -6,10 +6,7 @@ extraction and matching: test_answers.py.)
 """
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,7 +14,7 @@ import torch
 import latent_loop
 from answers import answers_match, normalize_answer
 from common import parse_config
-from conftest import ENV, HERE, run
+from conftest import kill_after_first_result, run
 from data import DataError, DataSpec, collate, encode_prompt, open_image, read_jsonl
 from difficulty import DifficultyConfig, load_scorer, main
 from model import load_backbone
@@ -161,20 +158,7 @@ def test_kill_and_resume_equals_uninterrupted(tiny, reference, tmp_path):
     the restart skips the done ids and the output is byte-identical to the uninterrupted run's."""
     out = tmp_path / "scored.jsonl"
     part = tmp_path / "scored.rank0.jsonl"
-    p = subprocess.Popen([sys.executable, *cli(tiny, out, *SLOW)], cwd=HERE, env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not (part.exists() and part.read_text().count("\n") >= 1):
-            assert p.poll() is None, f"the run ended before it could be killed:\n{p.stderr.read()[-3000:]}"
-            assert time.time() < deadline, "no result line after 120 s"
-            time.sleep(0.02)
-        assert p.poll() is None, "the run finished before the kill: make it slower"
-        p.send_signal(signal.SIGKILL)
-    finally:
-        p.kill()
-        p.wait()
-    n_done = part.read_text().count("\n")
+    n_done = kill_after_first_result(cli(tiny, out, *SLOW), part)
     assert 1 <= n_done < 8 and not out.exists()
     with open(part, "a") as f:
         f.write('{"id": "s7", "image": "img/q7.p')  # torn mid-line

@@ -5,15 +5,12 @@ train -> infer round trip: test_gap.py; the harness adapters: test_harness.py.)
     python -m pytest -q test_infer.py
 """
 import json
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import ENV, HERE, make_gap, run
+from conftest import kill_after_first_result, make_gap, run
 from model import save_checkpoint
 
 # sampled (so the per-chunk generators matter), long enough that a kill lands mid-run, chunks of 5 so that the
@@ -90,20 +87,7 @@ def test_kill_and_resume_equals_uninterrupted(ckpt, world, reference, tmp_path):
     the restart skips the done ids and the results equal the uninterrupted run's (latency aside)."""
     out = tmp_path / "results.jsonl"
     part = tmp_path / "results.rank0.jsonl"
-    p = subprocess.Popen([sys.executable, *cli(ckpt, world["data"], out, *SLOW)], cwd=HERE, env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not (part.exists() and part.read_text().count("\n") >= 1):
-            assert p.poll() is None, f"the run ended before it could be killed:\n{p.stderr.read()[-3000:]}"
-            assert time.time() < deadline, "no result line after 120 s"
-            time.sleep(0.02)
-        assert p.poll() is None, "the run finished before the kill: make it slower"
-        p.send_signal(signal.SIGKILL)
-    finally:
-        p.kill()
-        p.wait()
-    n_done = part.read_text().count("\n")
+    n_done = kill_after_first_result(cli(ckpt, world["data"], out, *SLOW), part)
     assert 1 <= n_done < 12 and not out.exists()
     with open(part, "a") as f:
         f.write('{"id": "s11", "response": "<think>')  # torn mid-line

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import latent_head
 import pca
 from latent_head import LatentHead, calibrate, ema_norm
 
