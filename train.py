@@ -297,10 +297,14 @@ def main(cfg: TrainConfig):
     if rank == 0:
         remove_state(state_dir)  # the run is finished: a later run with the same out_dir starts over
         print(f"done: {step} steps, {skipped} bad examples skipped, checkpoint -> {cfg.out_dir}")
+    attn = gap.backbone.config._attn_implementation
     if dist.is_initialized():
         dist.barrier()
+        # DDP's reducer holds the process group: released only when main returns, after the group is destroyed,
+        # its gloo threads can wait forever for a peer that has exited (seen here); release it first
+        del model, opt, sched, loader
         dist.destroy_process_group()
-    return dict(losses=losses, step_s=step_s, attn=gap.backbone.config._attn_implementation)
+    return dict(losses=losses, step_s=step_s, attn=attn)
 
 
 def start_line(cfg, gap, dataset, basis, world, total, pack_len):
