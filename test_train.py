@@ -323,7 +323,8 @@ def test_elastic_restart_after_a_killed_worker_equals_uninterrupted(setup, tmp_p
     import random
     import signal
     from safetensors.torch import load_file
-    args = [*setup["args"], "--global_batch", "4", "--epochs", "4", "--save_every", "2"]
+    # 36 steps, saved every 2: the kill lands in the middle of the run, not after it ended
+    args = [*setup["args"], "--global_batch", "4", "--epochs", "12", "--save_every", "2"]
     torchrun([setup["driver"], "train", tmp_path / "straight.json", *args, "--out_dir", tmp_path / "straight"])
     out = tmp_path / "elastic"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -333,10 +334,11 @@ def test_elastic_restart_after_a_killed_worker_equals_uninterrupted(setup, tmp_p
                                                       "--out_dir", out])),
                             cwd=HERE, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
     state, t0 = f"{out}.state", time.time()
-    while not os.path.exists(os.path.join(state, "meta.pt")):  # the first save (step 2 of 12)
+    while not os.path.exists(os.path.join(state, "meta.pt")):  # the first save (step 2 of 36)
         assert proc.poll() is None and time.time() - t0 < 120, "the run ended before its first save"
         time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 1.0))
+    time.sleep(random.uniform(0.0, 0.5))
+    assert os.path.exists(os.path.join(state, "meta.pt")), "the run finished before the kill: make it longer"
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert workers, "no worker to kill"
     os.kill(int(random.choice(workers)), signal.SIGKILL)
