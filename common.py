@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -26,7 +27,7 @@ def parse_config(cls, argv=None):
     """Build an argparse CLI from a @dataclass: every field is a snake_case flag with its default and its
     `help` metadata; fields with metadata positional=True are optional positionals, choices=... restricts a
     value, and range=(lo, hi) rejects a number outside [lo, hi] before any work starts."""
-    p = argparse.ArgumentParser(description=(cls.__doc__ or "").strip())
+    p = OneLineParser(description=(cls.__doc__ or "").strip())
     for f in dataclasses.fields(cls):
         kw = dict(default=f.default, help=f.metadata.get("help", ""))
         if f.metadata.get("choices"):
@@ -45,7 +46,24 @@ def parse_config(cls, argv=None):
         value = getattr(args, f.name)
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             p.error(f"--{f.name} {value} is out of range [{lo}, {hi}]")
+        if "check" in f.metadata and not f.metadata["check"][0](value):
+            p.error(f"--{f.name} {value}: {f.metadata['check'][1]}")
     return cls(**vars(args))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A flag error is one line on stderr and exit code 2 (argparse's default adds the whole usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def perfect_square(k):
+    return k >= 0 and math.isqrt(k) ** 2 == k
+
+
+# metadata "check" of a --latent_tokens field: K latents fill a sqrt(K) x sqrt(K) grid of the auxiliary image
+SQUARE = (perfect_square, "must be a perfect square >= 0 (K latents fill a sqrt(K) x sqrt(K) grid: 4, 16, 36, ...)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,6 +77,17 @@ def atomic_write_text(path, text):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path)
+
+
+def fsync_dir(path):
+    """Make a rename of `path` durable: the rename lives in the directory, which a power loss can otherwise lose
+    even after the file itself was fsynced."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def replace_dir(tmp, path):
@@ -69,6 +98,7 @@ def replace_dir(tmp, path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
+    fsync_dir(path)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -137,23 +167,26 @@ def barrier():
 
 
 def run_main(main, cfg):
-    """Run an entry point's main(cfg). A DataError ends it with its one-line message; under torchrun, any
-    exception on one rank ends that process at once with a non-zero code and its message on stderr, so
-    torchrun stops the other ranks instead of leaving them waiting in a collective for the one that died
-    (teardown of a half-used process group can itself hang, so the process exits without it)."""
+    """Run an entry point's main(cfg). Bad input (a DataError: a bad example, file or flag) ends it with its one
+    line on stderr and exit code 2; anything else is a bug: its traceback, then exit code 1. Under torchrun the
+    failing rank's process ends at once, so torchrun stops the other ranks instead of leaving them waiting in a
+    collective for the one that died (teardown of a half-used process group can itself hang, so it exits
+    without it)."""
     try:
         return main(cfg)
     except Exception as e:
         rank = os.environ.get("RANK")
         where = f"rank {rank}: " if rank is not None else ""
-        if not isinstance(e, DataError):
+        bad_input = isinstance(e, DataError)
+        if not bad_input:
             traceback.print_exc()
-        print(f"{where}error: {e}" + (" (--skip_bad skips and counts bad examples)"
-                                      if isinstance(e, DataError) else ""), file=sys.stderr, flush=True)
+        hint = " (--skip_bad skips and counts bad examples)" if bad_input and e.example else ""
+        print(f"{where}error: {e}{hint}", file=sys.stderr, flush=True)
+        code = 2 if bad_input else 1
         if rank is not None:
             sys.stdout.flush()
-            os._exit(1)
-        raise SystemExit(1) from None
+            os._exit(code)
+        raise SystemExit(code) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -161,10 +194,13 @@ def run_main(main, cfg):
 
 class DataError(ValueError):
     """Bad input, with the file, line and field it came from: DataError(file, line, field, msg), or an
-    already formatted DataError(message) (how it is rebuilt when it crosses a process boundary)."""
+    already formatted DataError(message) (a bad flag or file, or an example's error rebuilt after crossing a
+    process boundary). `example`: whether it is one example's fault (which --skip_bad may skip)."""
 
-    def __init__(self, file, line=None, field=None, msg=None):
+    def __init__(self, file, line=None, field=None, msg=None, example=None):
         super().__init__(file if line is None else f"{file}:{line}: field '{field}': {msg}")
+        self.field = field
+        self.example = line is not None if example is None else example
 
 
 class BadExamples:
@@ -184,7 +220,7 @@ class BadExamples:
     def add(self, message):
         """One bad example, known by its message: raise it, or count it."""
         if not self.skip:
-            raise DataError(message)
+            raise DataError(message, example=True)
         self.count += 1
         print(f"skipping bad example: {message}", flush=True)
 
@@ -253,7 +289,7 @@ def resume_parts(out, run_config, rank, barrier):
             before = json.load(f)
         if before != run_config:
             changed = {k: (before.get(k), v) for k, v in run_config.items() if before.get(k) != v}
-            raise ValueError(f"{config_path}: the parts beside it were made with other flags "
+            raise DataError(f"{config_path}: the parts beside it were made with other flags "
                              f"(was, now): {changed}; use those, or another --out")
     done, mine = {}, pattern.format(rank)
     for path in parts:  # parts of any rank count: the output does not depend on the rank
@@ -278,6 +314,15 @@ def merge_parts(out, ids):
         raise RuntimeError(f"{len(missing)} examples have no result in {pattern.format('*')} "
                            f"(first: {missing[0]!r}); re-run to finish them")
     return [results[i] for i in ids]
+
+
+def file_hash(path):
+    """sha256 (16 hex) of a file's bytes: results derived from a data file record it, so an edited file is noticed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def chunk_seed(seed, first_id):

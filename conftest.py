@@ -45,8 +45,8 @@ def world(tmp_path_factory):
                     *load_backbone(model_dir, "cpu")[::2])
     cache = TargetCache(str(root / "cache"), K)
     stats = pca_lib.PCAStats()
-    for key in cache.where:
-        stats.update(cache.get(key))
+    for key, by_hash in cache.entries.items():
+        stats.update(cache.get(key, *by_hash))
     return dict(root=root, model=model_dir, data=data, cache=cache, basis=pca_lib.fit(stats, 0.95))
 
 

@@ -9,15 +9,19 @@ Extract the latent targets once, with the frozen vision tower of the *base* mode
     python data.py --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl --latent_tokens 36 --cache_dir cache
 """
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
+import socket
+import uuid
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from common import BadExamples, DataError, parse_config
+from common import SQUARE, BadExamples, DataError, atomic_write_text, fsync_dir, parse_config, perfect_square
 from losses import IGNORE
 
 PLACEHOLDER = "<latent>"
@@ -38,7 +42,7 @@ def read_jsonl(path, skip_bad=False, need_response=True, need_answer=False):
     `_raw` (the line's own object, as written). A malformed line raises DataError naming file, line and
     field, unless skip_bad (then it is counted)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: data file not found")
+        raise DataError(f"{path}: data file not found")
     rows, seen, bad = [], {}, BadExamples(skip_bad)
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
@@ -91,12 +95,45 @@ def resolve(row, key):
 
 
 def open_image(row, key):
+    """A row's image as Qwen2.5-VL's preprocessing sees it (to_rgb); DataError naming the row if it cannot be read."""
     path = resolve(row, key)
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except Exception as e:  # PIL raises several types for corrupt files
         raise DataError(row["_file"], row["_line"], key, f"cannot read image {path}: {e}") from None
+
+
+def to_rgb(im):
+    """8-bit RGB as qwen-vl-utils makes it: EXIF orientation applied; transparency composited on white (PIL's
+    convert("RGB") drops alpha, so black strokes on a transparent diagram vanish into a black background);
+    16/32-bit integer images scaled from 0..65535 and float images from 0..1 (convert("RGB") clips them, turning
+    a mid-gray 16-bit image white)."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        a = a * 255 if im.mode == "F" else a / 257
+        im = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return im.convert("RGB")
+
+
+def aux_paths(row):
+    """Absolute paths of a row's auxiliary image(s)."""
+    return [resolve(row, "aux_image")]
+
+
+def aux_hash(row):
+    """Content hash of a row's auxiliary image(s): its latent targets are valid only for these bytes."""
+    h = hashlib.sha256()
+    for path in aux_paths(row):
+        with open(path, "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,6 +148,16 @@ def process_image(image_processor, image, min_pixels=0, max_pixels=0):
         kw["size"] = size
     out = image_processor(images=[image], return_tensors="pt", **kw)
     return out["pixel_values"], out["image_grid_thw"]
+
+
+def query_pixels(row, image_processor, spec):
+    """A row's query image through the image processor; the processor's own refusals (an aspect ratio over 200:1)
+    become a DataError naming the row, so --skip_bad can skip it like any other bad image."""
+    image = open_image(row, "image")
+    try:
+        return process_image(image_processor, image, spec.image_min_pixels, spec.image_max_pixels)
+    except ValueError as e:
+        raise DataError(row["_file"], row["_line"], "image", f"{e} ({image.width}x{image.height} image)") from None
 
 
 def prompt_text(question, n_image_tokens):
@@ -144,27 +191,65 @@ def response_ids(tokenizer, response, latent_ids, latent_tokens, keep_latent):
 # the training data set
 
 class TargetCache:
-    """Auxiliary-image latent targets on disk: DIR/K{K}/shard_*.safetensors, one (K, d) tensor per example id."""
+    """Auxiliary-image latent targets on disk: DIR/K{K}/shard_*.safetensors, one (K, d) tensor per example id, and
+    DIR/K{K}/cache.json, what made them (the vision tower's fingerprint, K, the resize). A target is stored as
+    "{id}/{content hash of its aux image}", so an edited image's old targets are stale, never used. Shards are named by their writer (host, process, rank), so parallel extractions never collide."""
 
-    def __init__(self, cache_dir, latent_tokens):
+    def __init__(self, cache_dir, latent_tokens, fingerprint=None):
+        """fingerprint: cache_info() of the model in use; a cache made by another one is refused (DataError)."""
         from safetensors import safe_open
         self.dir = os.path.join(cache_dir, f"K{latent_tokens}")
-        self.where = {}
-        if os.path.isdir(self.dir):
-            for name in sorted(os.listdir(self.dir)):
-                if name.endswith(".safetensors"):
-                    with safe_open(os.path.join(self.dir, name), "pt") as f:
-                        self.where.update({key: name for key in f.keys()})
+        self.info_path = os.path.join(self.dir, "cache.json")
+        self.entries = {}  # id -> {aux image hash: shard file}
+        self.info = None
+        if os.path.exists(self.info_path):
+            with open(self.info_path) as f:
+                self.info = json.load(f)
+        if fingerprint is not None and self.info is not None and self.info != fingerprint:
+            diff = ", ".join(f"{k} {self.info.get(k)!r} -> {v!r}" for k, v in fingerprint.items()
+                             if self.info.get(k) != v)
+            raise DataError(f"{self.info_path}: these targets were made by another model or with other settings "
+                            f"({diff}); extract them again into another --cache_dir, or delete {self.dir}")
+        if not os.path.isdir(self.dir):
+            return
+        shards = sorted(n for n in os.listdir(self.dir) if n.endswith(".safetensors"))
+        if shards and self.info is None:
+            raise DataError(f"{self.dir}: shards without cache.json (an older data.py wrote them): delete the "
+                            f"directory and extract again")
+        for name in shards:
+            with safe_open(os.path.join(self.dir, name), "pt") as f:
+                for tensor_name in f.keys():  # "{id}/{aux image hash}"
+                    key, h = tensor_name.rsplit("/", 1)
+                    self.entries.setdefault(key, {})[h] = name
 
-    def __contains__(self, key):
-        return key in self.where
+    def has(self, key, aux_hash):
+        return aux_hash in self.entries.get(key, {})
 
-    def get(self, key):
+    def get(self, key, aux_hash):
+        """The (K, d) targets of example `key` made from the aux image(s) with content hash `aux_hash`."""
         from safetensors import safe_open
-        if key not in self.where:
-            raise KeyError(f"no latent targets for id {key!r} in {self.dir}; run data.py to extract them")
-        with safe_open(os.path.join(self.dir, self.where[key]), "pt") as f:
-            return f.get_tensor(key)
+        if not self.has(key, aux_hash):
+            why = ("its aux image changed after its targets were extracted" if key in self.entries
+                   else "no latent targets for it")
+            raise KeyError(f"{why} (id {key!r}, {self.dir}): run data.py again, it extracts what is missing or stale")
+        with safe_open(os.path.join(self.dir, self.entries[key][aux_hash]), "pt") as f:
+            return f.get_tensor(f"{key}/{aux_hash}")
+
+
+def cache_info(backbone, latent_tokens):
+    """What a target cache's contents depend on: the vision tower (a hash of its config and weights, as fp32 so a
+    bf16 and an fp32 load of one model agree), K and the aux-image resize."""
+    vc = backbone.config.vision_config
+    config = {k: v for k, v in vc.to_dict().items()
+              if k not in ("dtype", "torch_dtype", "transformers_version", "_name_or_path")
+              and not k.startswith("_attn_implementation")}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in sorted(backbone.model.visual.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    side = math.isqrt(latent_tokens) * vc.patch_size * vc.spatial_merge_size
+    return dict(vision_tower=h.hexdigest()[:16], width=vc.out_hidden_size, latent_tokens=latent_tokens,
+                aux_resize=f"{side}x{side} bicubic", format=2)
 
 
 @dataclasses.dataclass
@@ -189,8 +274,14 @@ class GAPDataset(torch.utils.data.Dataset):
         self.tokenizer, self.image_processor, self.latent_ids, self.spec = tokenizer, image_processor, latent_ids, spec
         self.targets = target_cache
         self.merge = 2
-        if spec.latent_tokens and any(self.keeps_latent(r) for r in self.rows) and target_cache is None:
-            raise ValueError(f"{path}: examples keep latent spans (K={spec.latent_tokens}) but no target cache given")
+        if spec.latent_tokens and any(self.keeps_latent(r) for r in self.rows):
+            if target_cache is None:
+                raise DataError(f"{path}: examples keep latent spans (K={spec.latent_tokens}) but no target cache given")
+            if target_cache.info is None:
+                parent = os.path.dirname(target_cache.dir)
+                there = sorted(n for n in os.listdir(parent) if re.fullmatch(r"K\d+", n)) if os.path.isdir(parent) else []
+                raise DataError(f"{target_cache.dir}: no latent targets for K={spec.latent_tokens} (the cache holds "
+                                f"{', '.join(there) or 'nothing'}): run data.py --latent_tokens {spec.latent_tokens}")
 
     def __len__(self):
         return len(self.rows)
@@ -214,27 +305,36 @@ class GAPDataset(torch.utils.data.Dataset):
             if n != spec.latent_tokens:
                 raise DataError(row["_file"], row["_line"], "response",
                                 f"latent span has {n} <|latent_pad|> tokens but K={spec.latent_tokens}")
-        pixel_values, grid = process_image(self.image_processor, open_image(row, "image"),
-                                           spec.image_min_pixels, spec.image_max_pixels)
-        prompt = self.tokenizer(prompt_text(row["question"], n_image_tokens(grid, self.merge)),
-                                add_special_tokens=False)["input_ids"]
+        pixel_values, grid = query_pixels(row, self.image_processor, spec)
+        n_image = n_image_tokens(grid, self.merge)
+        prompt = self.tokenizer(prompt_text(row["question"], n_image), add_special_tokens=False)["input_ids"]
         keep = self.keeps_latent(row)
         ids, labels = response_ids(self.tokenizer, row["response"], self.latent_ids, spec.latent_tokens, keep)
         input_ids, labels = prompt + ids, [IGNORE] * len(prompt) + labels
         if len(input_ids) > spec.max_len:
-            raise DataError(row["_file"], row["_line"], "response",
-                            f"sequence of {len(input_ids)} tokens exceeds max_len={spec.max_len}")
+            raise DataError(row["_file"], row["_line"], "response", too_long(len(input_ids), n_image, spec,
+                                                                             self.image_processor))
         targets = None
         if keep:
             try:
-                targets = self.targets.get(row["id"])
+                targets = self.targets.get(row["id"], aux_hash(row))
             except KeyError as e:
-                raise DataError(row["_file"], row["_line"], "aux_image", str(e)) from None
+                raise DataError(row["_file"], row["_line"], "aux_image", e.args[0]) from None
             if targets.shape[0] != spec.latent_tokens:
                 raise DataError(row["_file"], row["_line"], "aux_image",
                                 f"cached target has {targets.shape[0]} latent vectors but K={spec.latent_tokens}")
         return dict(id=row["id"], input_ids=torch.tensor(input_ids), labels=torch.tensor(labels),
                     pixel_values=pixel_values, image_grid_thw=grid, latent_targets=targets)
+
+
+def too_long(n, n_image, spec, image_processor):
+    """The message for a sequence over max_len, with the pixel budget that would make it fit."""
+    msg = f"sequence of {n} tokens exceeds max_len={spec.max_len} ({n_image} of them for the query image)"
+    room = spec.max_len - (n - n_image)  # image tokens that would fit
+    if room <= 0:
+        return msg + "; the text alone is too long: raise --max_len"
+    factor = image_processor.patch_size * image_processor.merge_size  # one image token per factor x factor pixels
+    return msg + f": pass --image_max_pixels {room * factor * factor} or less, or raise --max_len"
 
 
 def collate(items, pad_id, left=False):
@@ -308,6 +408,13 @@ class StepCollate:
                 for j in range(0, len(good), self.micro_batch)], errors
 
 
+def encode_row(tokenizer, image_processor, row, spec: DataSpec):
+    """A JSONL row's generation prompt; its image's problems are DataErrors naming the row."""
+    pixel_values, grid = query_pixels(row, image_processor, spec)
+    ids = tokenizer(prompt_text(row["question"], n_image_tokens(grid)), add_special_tokens=False)["input_ids"]
+    return dict(id=row["id"], input_ids=torch.tensor(ids), pixel_values=pixel_values, image_grid_thw=grid)
+
+
 def encode_prompt(tokenizer, image_processor, image, question, spec: DataSpec, id="0"):
     """One generation prompt (image + question) as a collate()-able item."""
     pixel_values, grid = process_image(image_processor, image, spec.image_min_pixels, spec.image_max_pixels)
@@ -341,48 +448,152 @@ class TargetsConfig:
     """Extract auxiliary-image latent targets with the frozen base vision tower into a safetensors cache."""
     model: str = dataclasses.field(default="", metadata={"help": "base model directory or hub id"})
     data: str = dataclasses.field(default="", metadata={"help": "training JSONL"})
-    latent_tokens: int = dataclasses.field(default=36, metadata={"help": "K, a perfect square"})
+    latent_tokens: int = dataclasses.field(default=36, metadata={"help": "K, a perfect square", "check": SQUARE})
     cache_dir: str = dataclasses.field(default="cache", metadata={"help": "writes CACHE_DIR/K{K}/shard_*.safetensors"})
-    batch_size: int = dataclasses.field(default=16, metadata={"help": "aux images per vision-tower call"})
-    shard_size: int = dataclasses.field(default=512, metadata={"help": "examples per shard file"})
+    batch_size: int = dataclasses.field(default=16, metadata={"help": "aux images per vision-tower call",
+                                                              "range": (1, None)})
+    shard_size: int = dataclasses.field(default=512, metadata={"help": "examples per shard file", "range": (1, None)})
     skip_bad: bool = dataclasses.field(default=False, metadata={"help": "skip (and count) bad lines/images"})
 
 
-def extract_targets(cfg: TargetsConfig, backbone=None, image_processor=None):
-    """Resumable: examples already in the cache are skipped; each shard is written atomically."""
+def extract_targets(cfg: TargetsConfig, backbone=None, image_processor=None, rank=0, world=1):
+    """Targets of rank's share of the examples with a latent span. Resumable and incremental: an example whose
+    target for its current aux image is cached is skipped (an edited image is extracted again); each shard is
+    written whole (tmp + rename) under this writer's own name. Returns the number of bad examples skipped."""
     from safetensors.torch import save_file
     from tqdm import tqdm
+    if cfg.latent_tokens <= 0 or not perfect_square(cfg.latent_tokens):
+        raise DataError(f"--latent_tokens {cfg.latent_tokens}: {SQUARE[1]}")
+    rows, bad_lines = read_jsonl(cfg.data, cfg.skip_bad)
     if backbone is None:
         from model import load_backbone
         backbone, _, image_processor = load_backbone(cfg.model)
-    rows, bad_lines = read_jsonl(cfg.data, cfg.skip_bad)
-    bad = BadExamples(cfg.skip_bad)
-    cache = TargetCache(cfg.cache_dir, cfg.latent_tokens)
-    todo = [r for r in rows if PLACEHOLDER in r["response"] and r["id"] not in cache]
+    info = cache_info(backbone, cfg.latent_tokens)
+    cache = TargetCache(cfg.cache_dir, cfg.latent_tokens, info)  # refuses a cache made by another model
     os.makedirs(cache.dir, exist_ok=True)
-    shard_no = len([n for n in os.listdir(cache.dir) if n.endswith(".safetensors")])
-    shard, extracted = {}, 0
-    for i in tqdm(range(0, len(todo), cfg.batch_size), desc="targets", unit="batch"):
+    if cache.info is None:  # every writer may: the same content, each through its own temporary file
+        atomic_write_text(cache.info_path, json.dumps(info, indent=2) + "\n")
+    bad, todo, cached = BadExamples(cfg.skip_bad), [], 0
+    for r in rows[rank::world]:
+        if PLACEHOLDER in r["response"]:
+            with bad.guard():
+                h = aux_hash(r)
+                cached += cache.has(r["id"], h)
+                if not cache.has(r["id"], h):
+                    todo.append((r, h))
+    # this writer's own shard names: host, process, rank and a random part (one process may extract twice)
+    writer = f"{socket.gethostname()}-{os.getpid()}-r{rank}-{uuid.uuid4().hex[:8]}"
+    shard, shard_no, extracted = {}, 0, 0
+    for i in tqdm(range(0, len(todo), cfg.batch_size), desc="targets", unit="batch", disable=rank != 0):
         batch, images = [], []
-        for r in todo[i:i + cfg.batch_size]:
+        for r, h in todo[i:i + cfg.batch_size]:
             with bad.guard():
                 images.append(open_image(r, "aux_image"))
-                batch.append(r)
+                batch.append((r, h))
         if batch:
             feats = aux_targets(backbone, image_processor, images, cfg.latent_tokens).cpu()
-            shard.update({r["id"]: f.contiguous() for r, f in zip(batch, feats)})
+            shard.update({f"{r['id']}/{h}": f.contiguous() for (r, h), f in zip(batch, feats)})
             extracted += len(batch)
         if len(shard) >= cfg.shard_size or (i + cfg.batch_size >= len(todo) and shard):
-            path = os.path.join(cache.dir, f"shard_{shard_no:05d}.safetensors")
+            path = os.path.join(cache.dir, f"shard_{writer}_{shard_no:05d}.safetensors")
             save_file(shard, path + ".tmp")
             os.replace(path + ".tmp", path)
+            fsync_dir(path)
             shard, shard_no = {}, shard_no + 1
     skipped = bad_lines + bad.count
-    print(f"targets: {extracted} extracted, {len(rows) - len(todo)} already cached or text-only, "
+    print(f"targets{f' rank {rank}' if world > 1 else ''}: {extracted} extracted, {cached} already cached, "
           f"{skipped} skipped -> {cache.dir}")
     return skipped
 
 
+def targets_main(cfg: TargetsConfig):
+    """data.py [extract] ...: extraction, under python or torchrun (rank r takes examples r, r + world, ...)."""
+    from common import setup_distributed
+    rank, world, device = setup_distributed()
+    backbone = image_processor = None
+    if world > 1:
+        from model import load_backbone
+        backbone, _, image_processor = load_backbone(cfg.model, device)
+    try:
+        return extract_targets(cfg, backbone, image_processor, rank, world)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checking every example before a long job starts
+
+def validate(rows, check, rank=0, world=1):
+    """Run check(row) (which raises DataError) on rank's share of the rows; every rank gets every rank's
+    problems, as (row index, field, message) in input order."""
+    mine = []
+    for i in range(rank, len(rows), world):
+        try:
+            check(rows[i])
+        except DataError as e:
+            mine.append((i, e.field or "?", str(e)))
+    if world > 1:
+        import torch.distributed as dist
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        mine = [p for part in every for p in part]
+    return sorted(mine)
+
+
+def report(problems, n, what):
+    """All problems at once, then one line that counts them by field."""
+    for _, _, message in problems:
+        print(f"bad example: {message}", flush=True)
+    kinds = {}
+    for _, field, _ in problems:
+        kinds[field] = kinds.get(field, 0) + 1
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
+    return f"{len(problems)} of {n} examples are bad ({counts}), found before {what}"
+
+
+@dataclasses.dataclass
+class ValidateConfig:
+    """Check every example as training will see it (images opened and processed, token lengths at the pixel
+    budget, latent targets present and fresh) and report every problem at once."""
+    model: str = dataclasses.field(default="", metadata={"help": "base model directory or hub id"})
+    data: str = dataclasses.field(default="", metadata={"help": "training JSONL"})
+    target_cache: str = dataclasses.field(default="cache", metadata={"help": "latent targets written by data.py"})
+    latent_tokens: int = dataclasses.field(default=36, metadata={"help": "K", "check": SQUARE})
+    difficulty_tau: float = dataclasses.field(default=0.0, metadata={"help": "as train.py"})
+    max_len: int = dataclasses.field(default=8192, metadata={"help": "as train.py", "range": (1, None)})
+    image_min_pixels: int = dataclasses.field(default=0, metadata={"help": "as train.py", "range": (0, None)})
+    image_max_pixels: int = dataclasses.field(default=0, metadata={"help": "as train.py", "range": (0, None)})
+
+
+def validate_main(cfg: ValidateConfig):
+    """data.py validate ...: exit 0 when every example is good, else every problem listed and exit 2."""
+    from common import setup_distributed
+    from model import add_latent_tokens, load_backbone
+    rank, world, device = setup_distributed()
+    backbone, tokenizer, image_processor = load_backbone(cfg.model, device)
+    ids = add_latent_tokens(backbone, tokenizer)
+    spec = DataSpec(cfg.latent_tokens, cfg.difficulty_tau, cfg.max_len, cfg.image_min_pixels, cfg.image_max_pixels)
+    cache = TargetCache(cfg.target_cache, cfg.latent_tokens, cache_info(backbone, cfg.latent_tokens)) \
+        if cfg.latent_tokens else None
+    dataset = GAPDataset(cfg.data, tokenizer, image_processor, ids, spec, cache)
+    problems = validate(dataset.rows, dataset.example, rank, world)
+    if problems:
+        raise DataError(report(problems, len(dataset.rows), "any work") if rank == 0 else "bad examples (see rank 0)")
+    if rank == 0:
+        print(f"all {len(dataset.rows)} examples are good ({dataset.skipped} bad lines skipped)")
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
+    import sys
     from common import run_main
-    run_main(extract_targets, parse_config(TargetsConfig))
+    command = sys.argv.pop(1) if len(sys.argv) > 1 and sys.argv[1] in ("extract", "validate") else "extract"
+    if command == "validate":
+        run_main(validate_main, parse_config(ValidateConfig))
+    else:
+        run_main(targets_main, parse_config(TargetsConfig))

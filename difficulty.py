@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 
 from answers import answers_match, extract_answer
-from common import (BadExamples, DataError, atomic_write_text, chunk_seed, merge_parts, output_paths, parse_config,
-                    rank_barrier, resume_parts, run_main, setup_distributed)
-from data import PLACEHOLDER, DataSpec, collate, encode_prompt, open_image, read_jsonl
+from common import (BadExamples, DataError, atomic_write_text, chunk_seed, file_hash, merge_parts, output_paths,
+                    parse_config, rank_barrier, resume_parts, run_main, setup_distributed)
+from data import PLACEHOLDER, DataSpec, collate, encode_row, query_pixels, read_jsonl, report, validate
 from latent_head import LatentHead
 from model import GAP, add_latent_tokens, load_backbone
 
@@ -85,8 +85,7 @@ def score_chunk(gap, tokenizer, image_processor, chunk, cfg: DifficultyConfig):
     bad = BadExamples(cfg.skip_bad)
     for r in chunk:
         try:
-            items.append(encode_prompt(tokenizer, image_processor, open_image(r, "image"), r["question"], spec,
-                                       r["id"]))
+            items.append(encode_row(tokenizer, image_processor, r, spec))
         except DataError as e:  # not bad.guard(): a skipped example also gets a line, so a resume skips it too
             bad.add(str(e))  # raises unless --skip_bad
             lines[r["id"]] = json.dumps({"id": r["id"], "_skipped": str(e)}) + "\n"
@@ -136,11 +135,23 @@ def main(cfg: DifficultyConfig):
     if not (cfg.model and cfg.data and cfg.out):
         raise SystemExit("give --model, --data and --out (see --help)")
     if cfg.samples < 1 or cfg.batch_size < 1:
-        raise ValueError(f"--samples and --batch_size must be >= 1, got {cfg.samples} and {cfg.batch_size}")
+        raise DataError(f"--samples and --batch_size must be >= 1, got {cfg.samples} and {cfg.batch_size}")
     rank, world, device = setup_distributed()
     barrier = rank_barrier(world)
     rows, bad_lines = read_jsonl(cfg.data, cfg.skip_bad, need_response=False, need_answer=True)
-    done, mine = resume_parts(cfg.out, {k: getattr(cfg, k) for k in SAMPLING_KEYS}, rank, barrier)
+    if not cfg.skip_bad:  # every query image opened and processed first: no bad one stops the run hours in
+        from transformers import Qwen2VLImageProcessorPil
+        try:
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(cfg.model)
+        except OSError as e:
+            raise DataError(f"--model {cfg.model}: cannot load: {str(e).strip().splitlines()[0]}") from None
+        spec = DataSpec(latent_tokens=0, image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels)
+        problems = validate(rows, lambda r: query_pixels(r, image_processor, spec), rank, world)
+        if problems:
+            raise DataError(report(problems, len(rows), "scoring") if rank == 0 else "bad examples (rank 0 lists them)")
+    # the results depend on the data's content too: an edited file must not resume the old file's answers
+    run_config = dict({k: getattr(cfg, k) for k in SAMPLING_KEYS}, data_sha256=file_hash(cfg.data))
+    done, mine = resume_parts(cfg.out, run_config, rank, barrier)
 
     chunks = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)][rank::world]
     todo = [c for c in chunks if any(r["id"] not in done for r in c)]

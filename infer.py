@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 
 from answers import answers_match, extract_answer
-from common import (BadExamples, DataError, atomic_write_text, chunk_seed, merge_parts, output_paths, parse_config,
-                    rank_barrier, resume_parts, run_main, setup_distributed)
-from data import DataSpec, collate, encode_prompt, open_image, read_jsonl
+from common import (BadExamples, DataError, atomic_write_text, chunk_seed, file_hash, merge_parts, output_paths,
+                    parse_config, rank_barrier, resume_parts, run_main, setup_distributed)
+from data import DataSpec, collate, encode_prompt, encode_row, query_pixels, read_jsonl, report, validate
 from model import load_checkpoint
 
 
@@ -108,7 +108,7 @@ def answer_chunk(runner: Runner, chunk, bad: BadExamples):
     items, lines = [], {}
     for r in chunk:
         try:
-            items.append(runner.encode(open_image(r, "image"), r["question"], r["id"]))
+            items.append(encode_row(runner.tokenizer, runner.image_processor, r, runner.spec))
         except DataError as e:
             bad.add(str(e))  # raises unless --skip_bad
             lines[r["id"]] = json.dumps({"id": r["id"], "_skipped": str(e)}) + "\n"
@@ -139,10 +139,16 @@ def run_batch(cfg: InferConfig, runner: Runner, rank=0, world=1, barrier=lambda:
     """Evaluate on a JSONL: this rank's chunks, resumable; rank 0 merges and returns the summary (else None)."""
     from tqdm import tqdm
     if cfg.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+        raise DataError(f"--batch_size must be >= 1, got {cfg.batch_size}")
     out = cfg.out or os.path.join(cfg.ckpt, f"results_{cfg.latent_mode}.jsonl")
     rows, bad_lines = read_jsonl(cfg.data, cfg.skip_bad, need_response=False)
-    run_config = dict({k: getattr(cfg, k) for k in RESULT_KEYS}, ckpt_stamp=checkpoint_stamp(cfg.ckpt))
+    if not cfg.skip_bad:  # every query image opened and processed first: no bad one stops the run late
+        problems = validate(rows, lambda r: query_pixels(r, runner.image_processor, runner.spec), rank, world)
+        if problems:
+            raise DataError(report(problems, len(rows), "answering") if rank == 0 else "bad examples (rank 0 lists them)")
+    # what the results depend on: the flags, the checkpoint's contents and the data's (an edited file is not resumed)
+    run_config = dict({k: getattr(cfg, k) for k in RESULT_KEYS}, ckpt_stamp=checkpoint_stamp(cfg.ckpt),
+                      data_sha256=file_hash(cfg.data))
     done, mine = resume_parts(out, run_config, rank, barrier)
     chunks = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)][rank::world]
     todo = [c for c in chunks if any(r["id"] not in done for r in c)]
@@ -190,8 +196,8 @@ def main(cfg: InferConfig):
             if dist.is_initialized():
                 dist.destroy_process_group()
     runner = Runner(cfg)
-    row = dict(image=os.path.abspath(cfg.image), _file="<command line>", _line=0)
-    response = runner.answer([runner.encode(open_image(row, "image"), cfg.question)])[0]
+    row = dict(id="0", image=os.path.abspath(cfg.image), question=cfg.question, _file="<command line>", _line=0)
+    response = runner.answer([encode_row(runner.tokenizer, runner.image_processor, row, runner.spec)])[0]
     print(response)
     print(f"answer: {extract_answer(response)}")
 

@@ -22,7 +22,8 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen
 
 import latent_loop
 import pca as pca_lib
-from common import atomic_write_text, attn_implementation, barrier, default_device, default_dtype, replace_dir
+from common import (DataError, atomic_write_text, attn_implementation, barrier, default_device, default_dtype,
+                    replace_dir)
 from latent_head import LatentHead
 from losses import gap_losses
 
@@ -37,10 +38,15 @@ def load_backbone(path, device=None, dtype=None, attn="auto"):
     attn: auto (FlashAttention-2 when it imports on a GPU, else SDPA) | sdpa | flash_attention_2 | eager."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation() if attn == "auto" else attn).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise DataError(f"--model {path}: no such directory (and not a hub id of the form org/name)")
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation() if attn == "auto" else attn).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    except OSError as e:  # not a model directory, or a hub id that cannot be fetched
+        raise DataError(f"--model {path}: cannot load: {str(e).strip().splitlines()[0]}") from None
     return model, tokenizer, image_processor
 
 
@@ -264,10 +270,10 @@ def load_state(path, gap, opt, sched, rank, config: dict, fixed):
     of the new ranks start from the seed."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
+    meta = torch.load(os.path.join(path, "meta.pt"), weights_only=True)
     changed = [f"--{k} {meta['config'][k]!r} -> {config[k]!r}" for k in fixed if meta["config"][k] != config[k]]
     if changed:
-        raise ValueError(f"{path} holds the state of a run with other flags ({', '.join(changed)}): use those to "
+        raise DataError(f"{path} holds the state of a run with other flags ({', '.join(changed)}): use those to "
                          f"continue it, --fresh to discard it, or another --out_dir / --state_dir")
     model_state, optim_state = get_state_dict(gap, opt)
     state = dict(model=model_state, optim=optim_state)
@@ -278,7 +284,7 @@ def load_state(path, gap, opt, sched, rank, config: dict, fixed):
     sched.load_state_dict(meta["scheduler"])
     rng_path = os.path.join(path, f"rng_rank{rank}.pt")
     if os.path.exists(rng_path):
-        rng = torch.load(rng_path, weights_only=False)
+        rng = torch.load(rng_path, weights_only=True)
         torch.set_rng_state(rng["cpu"])
         random.setstate(rng["python"])
         if rng["cuda"] is not None and torch.cuda.is_available():

@@ -421,7 +421,7 @@ BAD_LINES = [
     ("missing_image", dict(image="img/nope.png"), "item", r"d\.jsonl:2: field 'image': image file not found"),
     ("span_size_not_k", "SPAN_5", "item", rf"d\.jsonl:2: field 'response': latent span has {K + 1} <\|latent_pad\|> "
                                          rf"tokens but K={K}"),
-    ("not_in_cache", dict(id="not-in-cache"), "item", r"d\.jsonl:2: field 'aux_image': .*no latent targets for id"),
+    ("not_in_cache", dict(id="not-in-cache"), "item", r"d\.jsonl:2: field 'aux_image': .*no latent targets for it"),
 ]
 
 

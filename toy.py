@@ -348,7 +348,7 @@ def run(cfg: ToyConfig):
     the recipe). Writes results.json and results.png under cfg.out and returns the results."""
     import torch
     import pca as pca_lib
-    from data import TargetsConfig, TargetCache, extract_targets
+    from data import TargetsConfig, TargetCache, extract_targets, read_jsonl
     from common import atomic_write_text
     from train import fit_basis
     import tiny
@@ -377,7 +377,7 @@ def run(cfg: ToyConfig):
     cache_dir = os.path.join(cfg.out, "cache")
     extract_targets(TargetsConfig(model=base, data=paths["train"], latent_tokens=K, cache_dir=cache_dir,
                                   batch_size=64))
-    basis = fit_basis(TargetCache(cache_dir, K), cfg.pca_var, 0, 1)
+    basis = fit_basis(TargetCache(cache_dir, K), read_jsonl(paths["train"])[0], cfg.pca_var, 0, 1)
     pca_path = os.path.join(cfg.out, "cache", "pca.safetensors")
     pca_lib.save(pca_path, basis)
     print(f"PCA: k={basis['k']} of d={basis['P'].shape[0]}, var={basis['var']}, rel_mse={basis['rel_mse']:.4f}")

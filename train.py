@@ -11,6 +11,7 @@ torchrun --max-restarts after a worker died) continues from it by itself; --fres
     torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl \\
         --target_cache cache --latent_tokens 36 --fsdp --grad_ckpt --pack --save_every 200
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -23,11 +24,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pca as pca_lib
-from common import BadExamples, all_reduce, parse_config, run_main, setup_distributed
-from data import DataSpec, GAPDataset, StepCollate, TargetCache
+from common import SQUARE, BadExamples, DataError, all_reduce, parse_config, run_main, setup_distributed
+from data import (PLACEHOLDER, DataSpec, GAPDataset, StepCollate, TargetCache, aux_hash, cache_info, report,
+                  validate)
 from latent_head import LatentHead
 from losses import lm_targets, total_loss
 from model import GAP, add_latent_tokens, export, find_state, load_backbone, load_state, remove_state, save_state
+
+
+AUTO_SAVE = 200  # --save_every -1: a state every 200 steps, so a crash loses at most that much of a long run
 
 
 @dataclasses.dataclass
@@ -37,7 +42,8 @@ class TrainConfig:
     data: str = field(default="", metadata={"help": "training JSONL (paper appendix I; README 'Data format')"})
     target_cache: str = field(default="cache", metadata={"help": "latent targets written by data.py"})
     out_dir: str = field(default="out/gap", metadata={"help": "final checkpoint directory (infer.py --ckpt)"})
-    latent_tokens: int = field(default=36, metadata={"help": "K latents per span, a perfect square; 0 = dense caption"})
+    latent_tokens: int = field(default=36, metadata={"help": "K latents per span, a perfect square; 0 = dense caption",
+                                                     "check": SQUARE})
     latent_head: str = field(default="pca", metadata={"help": "pca (GAP) | full (LH ablation) | hidden (output-as-input)",
                                                       "choices": ["pca", "full", "hidden"]})
     pca_path: str = field(default="", metadata={"help": "PCA basis from pca.py; empty: fit it from the target cache"})
@@ -70,11 +76,15 @@ class TrainConfig:
     grad_ckpt: bool = field(default=False, metadata={"help": "activation checkpointing per decoder block"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm (0: off)"})
     seed: int = field(default=12345, metadata={"help": "data order and init seed"})
-    save_every: int = field(default=0, metadata={"help": "write resumable state every N steps (0: never)"})
+    save_every: int = field(default=-1, metadata={"help": "write resumable state every N steps (0: never; -1: every "
+                                                           f"{AUTO_SAVE} steps when the run is longer than that)",
+                                                   "range": (-1, None)})
     state_dir: str = field(default="", metadata={"help": "where the resumable state goes (empty: OUT_DIR.state)"})
     fresh: bool = field(default=False, metadata={"help": "start at step 0 and discard the saved state in state_dir "
                                                          "(default: continue from it when there is one)"})
     skip_bad: bool = field(default=False, metadata={"help": "skip and count bad examples instead of stopping"})
+    validate: bool = field(default=True, metadata={"help": "check every example (images, lengths, targets) before "
+                                                           "step 1, all ranks sharing the work"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank (0: load in the "
                                                           "training process)", "range": (0, 64)})
     log_every: int = field(default=10, metadata={"help": "print a log line every N steps", "range": (1, None)})
@@ -83,12 +93,16 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------------------
 # model, data set, sharding, optimizer
 
-def fit_basis(cache: TargetCache, var, rank, world):
-    """PCA basis of all cached targets, each rank streaming a slice, merged exactly across ranks."""
-    stats = pca_lib.PCAStats()
-    for key in sorted(cache.where)[rank::world]:
-        stats.update(cache.get(key))
-    return pca_lib.fit(stats.all_reduce(), var)
+def fit_basis(cache: TargetCache, rows, var, rank, world):
+    """PCA basis of the cached targets of `rows` (those with a latent span), each rank streaming a slice, merged
+    exactly across ranks. None when no row has a target."""
+    stats = pca_lib.PCAStats(d=cache.info["width"])
+    for r in [r for r in rows if PLACEHOLDER in r["response"]][rank::world]:
+        with contextlib.suppress(DataError, KeyError):  # a bad or missing one is reported by validation
+            stats.update(cache.get(r["id"], aux_hash(r)))
+    n = all_reduce([stats.n], torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                   else torch.device("cpu"))[0]
+    return pca_lib.fit(stats.all_reduce(), var) if n else None
 
 
 def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
@@ -100,15 +114,26 @@ def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
     if cfg.grad_ckpt:  # recompute each decoder block in backward instead of keeping its activations
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     spec = DataSpec(cfg.latent_tokens, cfg.difficulty_tau, cfg.max_len, cfg.image_min_pixels, cfg.image_max_pixels)
-    cache = TargetCache(cfg.target_cache, cfg.latent_tokens) if cfg.latent_tokens else None
+    # refuses a cache made by another vision tower, K or resize (the fingerprint is of the base weights, before any
+    # training of the tower)
+    cache = TargetCache(cfg.target_cache, cfg.latent_tokens, cache_info(backbone, cfg.latent_tokens)) \
+        if cfg.latent_tokens else None
     # return_errors: a bad example reaches the training process as a message (from a loader worker too),
     # which stops the run with it or, with --skip_bad, counts it
     dataset = GAPDataset(cfg.data, tokenizer, image_processor, ids, spec, cache, cfg.skip_bad, return_errors=True)
+    if cfg.validate:  # every example checked before step 1, so that no bad one stops the run hours in
+        problems = validate(dataset.rows, dataset.example, rank, world)
+        if problems and not cfg.skip_bad:
+            raise DataError(report(problems, len(dataset.rows), "training") if rank == 0 else "bad examples (rank 0 "
+                            "lists them)")
+        bad_rows = {i for i, _, _ in problems}
+        dataset.rows = [r for i, r in enumerate(dataset.rows) if i not in bad_rows]
+        dataset.skipped += len(bad_rows)
     if basis is None and cfg.latent_tokens:
-        basis = pca_lib.load(cfg.pca_path) if cfg.pca_path else (fit_basis(cache, cfg.pca_var, rank, world)
-                                                                  if cache.where else None)
+        basis = pca_lib.load(cfg.pca_path) if cfg.pca_path else fit_basis(cache, dataset.rows, cfg.pca_var, rank,
+                                                                          world)
         if basis is None and cfg.latent_head == "pca":
-            raise ValueError(f"--latent_head pca needs a PCA basis: no --pca_path and no targets in {cache.dir}")
+            raise DataError(f"--latent_head pca needs a PCA basis: no --pca_path and no targets in {cache.dir}")
     # K = 0 (dense-caption control) never calls the head: a parameter-free one keeps the code path the same
     kind = cfg.latent_head if cfg.latent_tokens else "hidden"
     head = LatentHead(kind, backbone.config.text_config.hidden_size, basis=basis, adapter_dim=cfg.adapter_dim)
@@ -209,13 +234,13 @@ def schedule(cfg, world, n_examples):
     """(optimizer steps, tokens per packed row or 0), after checking that the batch flags fit together."""
     pack_len = (cfg.pack_len or cfg.max_len) if cfg.pack else 0
     if cfg.global_batch % world or (not cfg.pack and (cfg.global_batch // world) % cfg.micro_batch):
-        raise ValueError(f"global_batch {cfg.global_batch} must split into {world} rank(s)"
+        raise DataError(f"global_batch {cfg.global_batch} must split into {world} rank(s)"
                          + ("" if cfg.pack else f" x micro-batches of {cfg.micro_batch}"))
     if pack_len and pack_len < cfg.max_len:
-        raise ValueError(f"--pack_len {pack_len} < --max_len {cfg.max_len}: a long example would not fit a row")
+        raise DataError(f"--pack_len {pack_len} < --max_len {cfg.max_len}: a long example would not fit a row")
     steps_per_epoch = n_examples // cfg.global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"global_batch {cfg.global_batch} > {n_examples} examples in {cfg.data}")
+        raise DataError(f"global_batch {cfg.global_batch} > {n_examples} examples in {cfg.data}")
     total = steps_per_epoch * cfg.epochs
     return (min(cfg.max_steps, total) if cfg.max_steps else total), pack_len
 
@@ -234,6 +259,7 @@ def main(cfg: TrainConfig):
     gap, tokenizer, image_processor, dataset, basis = build(
         cfg, device, rank, world, pca_lib.load(saved_basis) if os.path.exists(saved_basis) else None)
     total, pack_len = schedule(cfg, world, len(dataset))
+    save_every = (AUTO_SAVE if total > AUTO_SAVE else 0) if cfg.save_every < 0 else cfg.save_every
     model = wrap(gap, cfg, device, world)
     opt = optimizer_for(gap, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_ratio))
@@ -290,13 +316,13 @@ def main(cfg: TrainConfig):
             print(f"step {step}/{total} | loss_lm {losses[-1][0]:.4f} | loss_latent {losses[-1][1]:.4f} | "
                   f"lr {sched.get_last_lr()[0]:.2e} | {window_tokens / (t0 - t_log):.0f} tok/s", flush=True)
             t_log, window_tokens = t0, 0.0
-        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+        if save_every and step % save_every == 0 and step < total:
             save_state(state_dir, gap, opt, sched, step, skipped + int(n_bad), basis, rank, run_config)
     skipped += int(all_reduce([bad.count], device)[0])
     export(gap, tokenizer, image_processor, cfg.out_dir, dict(run_config, step=step), basis, rank, cfg.fsdp)
     if rank == 0:
         remove_state(state_dir)  # the run is finished: a later run with the same out_dir starts over
-        print(f"done: {step} steps, {skipped} bad examples skipped, checkpoint -> {cfg.out_dir}")
+        print(f"done: {step} steps, {skipped + dataset.skipped} bad examples skipped, checkpoint -> {cfg.out_dir}")
     attn = gap.backbone.config._attn_implementation
     if dist.is_initialized():
         dist.barrier()
