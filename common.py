@@ -289,8 +289,8 @@ def resume_parts(out, run_config, rank, barrier):
             before = json.load(f)
         if before != run_config:
             changed = {k: (before.get(k), v) for k, v in run_config.items() if before.get(k) != v}
-            raise DataError(f"{config_path}: the parts beside it were made with other flags "
-                             f"(was, now): {changed}; use those, or another --out")
+            raise DataError(f"{config_path}: the parts beside it were made with other flags, data or checkpoint "
+                            f"(was, now): {changed}; use those, or another --out")
     done, mine = {}, pattern.format(rank)
     for path in parts:  # parts of any rank count: the output does not depend on the rank
         done.update(read_part(path)[0])

@@ -463,7 +463,8 @@ def extract_targets(cfg: TargetsConfig, backbone=None, image_processor=None, ran
     from safetensors.torch import save_file
     from tqdm import tqdm
     if cfg.latent_tokens <= 0 or not perfect_square(cfg.latent_tokens):
-        raise DataError(f"--latent_tokens {cfg.latent_tokens}: {SQUARE[1]}")
+        raise DataError(f"--latent_tokens {cfg.latent_tokens}: extraction needs K > 0, a perfect square (K = 0, the "
+                        f"dense-caption control, has no targets)")
     rows, bad_lines = read_jsonl(cfg.data, cfg.skip_bad)
     if backbone is None:
         from model import load_backbone
@@ -551,7 +552,7 @@ def report(problems, n, what):
     for _, field, _ in problems:
         kinds[field] = kinds.get(field, 0) + 1
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
-    return f"{len(problems)} of {n} examples are bad ({counts}), found before {what}"
+    return f"{len(problems)} of {n} examples are bad ({counts}), found before {what}; the first: {problems[0][2]}"
 
 
 @dataclasses.dataclass

@@ -133,7 +133,7 @@ def merge(cfg: DifficultyConfig, rows, bad_lines, summary_path, world):
 def main(cfg: DifficultyConfig):
     from tqdm import tqdm
     if not (cfg.model and cfg.data and cfg.out):
-        raise SystemExit("give --model, --data and --out (see --help)")
+        raise DataError("give --model, --data and --out (see --help)")
     if cfg.samples < 1 or cfg.batch_size < 1:
         raise DataError(f"--samples and --batch_size must be >= 1, got {cfg.samples} and {cfg.batch_size}")
     rank, world, device = setup_distributed()

@@ -187,7 +187,7 @@ def run_batch(cfg: InferConfig, runner: Runner, rank=0, world=1, barrier=lambda:
 
 def main(cfg: InferConfig):
     if not cfg.data and not (cfg.image and cfg.question):
-        raise SystemExit("give an image and a question, or --data a JSONL (see --help)")
+        raise DataError("give an image and a question, or --data a JSONL (see --help)")
     if cfg.data:
         rank, world, _ = setup_distributed()  # load_checkpoint puts each rank on its own device
         try:

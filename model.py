@@ -186,7 +186,7 @@ def load_checkpoint(ckpt_dir, device=None, dtype=None):
         ckpt_dir = ckpt_dir.rstrip("/") + ".old"  # a crash between the two renames of replace_dir()
     path = os.path.join(ckpt_dir, "gap.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: not a GAP checkpoint (no gap.json); train one with train.py")
+        raise DataError(f"{path}: not a GAP checkpoint (no gap.json); train one with train.py")
     with open(path) as f:
         config = json.load(f)
     backbone, tokenizer, image_processor = load_backbone(ckpt_dir, device, dtype)

@@ -343,7 +343,33 @@ def test_a_saved_state_cannot_run_code_when_loaded(world, tmp_path, monkeypatch)
     state.mkdir()
     monkeypatch.setenv("GAP_PWNED", str(tmp_path / "pwned"))
     with open(state / "meta.pt", "wb") as f:
-        pickle.dump(dict(step=1, config={}, payload=Payload()), f)
+        pickle.dump(dict(step=1, config={}, payload=Payload()), f, protocol=2)
     with pytest.raises(pickle.UnpicklingError):
         load_state(str(state), None, None, None, 0, {}, ())
     assert not (tmp_path / "pwned").exists()
+
+
+def test_long_runs_save_resumable_state_by_default():
+    """--save_every's default (-1) saves a run longer than AUTO_SAVE steps every AUTO_SAVE steps; 0 never saves."""
+    import train
+    assert train.TrainConfig().save_every == -1
+    assert train.save_interval(-1, train.AUTO_SAVE + 1) == train.AUTO_SAVE
+    assert train.save_interval(-1, train.AUTO_SAVE) == 0 and train.save_interval(0, 10_000) == 0
+    assert train.save_interval(7, 10) == 7
+
+
+def test_difficulty_under_torchrun_a_bad_example_ends_every_rank(world, tmp_path):
+    """A missing image in rank 1's share: found by the check before sampling, every rank ends (exit 2), in
+    bounded time, with the example named."""
+    data = copy_world(world, tmp_path, 4)
+    rows = [json.loads(line) for line in open(data)]
+    rows[3]["image"] = "img/missing.png"
+    write_jsonl(data, rows)
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "difficulty.py", "--model", world["model"], "--data", data, "--out", str(tmp_path / "s.jsonl"),
+                        "--samples", "2", "--max_new_tokens", "4", "--batch_size", "1"],
+                       cwd=HERE, env=ENV, capture_output=True, text=True, timeout=240)
+    assert p.returncode != 0 and time.time() - t0 < 200
+    assert "bad example: " in p.stdout and "train.jsonl:4: field 'image': image file not found" in p.stdout
+    assert "1 of 4 examples are bad (image: 1), found before scoring" in p.stderr

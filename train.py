@@ -130,8 +130,14 @@ def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
         dataset.rows = [r for i, r in enumerate(dataset.rows) if i not in bad_rows]
         dataset.skipped += len(bad_rows)
     if basis is None and cfg.latent_tokens:
+        if cfg.pca_path and not os.path.exists(cfg.pca_path):
+            raise DataError(f"--pca_path {cfg.pca_path}: no such file")
         basis = pca_lib.load(cfg.pca_path) if cfg.pca_path else fit_basis(cache, dataset.rows, cfg.pca_var, rank,
                                                                           world)
+        d = backbone.config.text_config.hidden_size
+        if basis is not None and basis["P"].shape[0] != d:
+            raise DataError(f"--pca_path {cfg.pca_path}: a basis of {basis['P'].shape[0]}-wide vectors, the model's "
+                            f"are {d}-wide (made from another model's targets?)")
         if basis is None and cfg.latent_head == "pca":
             raise DataError(f"--latent_head pca needs a PCA basis: no --pca_path and no targets in {cache.dir}")
     # K = 0 (dense-caption control) never calls the head: a parameter-free one keeps the code path the same
@@ -230,6 +236,11 @@ RESUME_FIXED = ("data", "seed", "global_batch", "epochs", "max_steps", "latent_t
                 "difficulty_tau", "lr", "head_lr", "warmup_ratio", "adapter_dim")
 
 
+def save_interval(save_every, total):
+    """--save_every as steps between saves (0: none): -1 saves every AUTO_SAVE steps in a run longer than that."""
+    return (AUTO_SAVE if total > AUTO_SAVE else 0) if save_every < 0 else save_every
+
+
 def schedule(cfg, world, n_examples):
     """(optimizer steps, tokens per packed row or 0), after checking that the batch flags fit together."""
     pack_len = (cfg.pack_len or cfg.max_len) if cfg.pack else 0
@@ -259,7 +270,7 @@ def main(cfg: TrainConfig):
     gap, tokenizer, image_processor, dataset, basis = build(
         cfg, device, rank, world, pca_lib.load(saved_basis) if os.path.exists(saved_basis) else None)
     total, pack_len = schedule(cfg, world, len(dataset))
-    save_every = (AUTO_SAVE if total > AUTO_SAVE else 0) if cfg.save_every < 0 else cfg.save_every
+    save_every = save_interval(cfg.save_every, total)
     model = wrap(gap, cfg, device, world)
     opt = optimizer_for(gap, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_ratio))
@@ -339,7 +350,7 @@ def start_line(cfg, gap, dataset, basis, world, total, pack_len):
     return (f"attention: {attn}" + (" (flash_attn not importable)" if attn != "flash_attention_2" else "")
             + (f"; packed rows of {pack_len} tokens" if pack_len else "") + "\n"
             + f"{len(dataset)} examples ({n_latent_rows} with latent supervision at tau={cfg.difficulty_tau}, "
-            f"{dataset.skipped} bad lines skipped), {world} rank(s)"
+            f"{dataset.skipped} bad examples skipped), {world} rank(s)"
             f"{' FSDP2' if cfg.fsdp else ' DDP' if world > 1 else ''}, {total} steps of {cfg.global_batch}, "
             f"K={cfg.latent_tokens}, head={gap.head.kind}" + (f" k={basis['k']}" if basis else ""))
 
