@@ -109,7 +109,8 @@ def to_rgb(im):
     convert("RGB") drops alpha, so black strokes on a transparent diagram vanish into a black background);
     16/32-bit integer images scaled from 0..65535 and float images from 0..1 (convert("RGB") clips them, turning
     a mid-gray 16-bit image white)."""
-    im = ImageOps.exif_transpose(im)
+    if im.getexif().get(0x0112, 1) != 1:  # (exif_transpose copies the image even when there is nothing to do)
+        im = ImageOps.exif_transpose(im)
     if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         a = np.asarray(im, dtype=np.float64)
         a = a * 255 if im.mode == "F" else a / 257
@@ -119,6 +120,9 @@ def to_rgb(im):
         white = Image.new("RGB", rgba.size, (255, 255, 255))
         white.paste(rgba, mask=rgba.getchannel("A"))
         return white
+    if im.mode == "RGB":
+        im.load()  # decoded now (a truncated file fails here), while the file is open
+        return im
     return im.convert("RGB")
 
 
@@ -148,6 +152,26 @@ def process_image(image_processor, image, min_pixels=0, max_pixels=0):
         kw["size"] = size
     out = image_processor(images=[image], return_tensors="pt", **kw)
     return out["pixel_values"], out["image_grid_thw"]
+
+
+try:  # the processor's own resize rule (where transformers keeps it varies by version)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+except ImportError:
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+
+def query_tokens(row, image_processor, spec):
+    """The number of image tokens query_pixels() gives a row's image, from its size alone: the processor's own
+    smart_resize, with the same pixel budget and the same refusals."""
+    image = open_image(row, "image")
+    factor = image_processor.patch_size * image_processor.merge_size
+    lo = spec.image_min_pixels or image_processor.size["shortest_edge"]
+    hi = spec.image_max_pixels or image_processor.size["longest_edge"]
+    try:
+        h, w = smart_resize(image.height, image.width, factor, lo, hi)
+    except ValueError as e:
+        raise DataError(row["_file"], row["_line"], "image", f"{e} ({image.width}x{image.height} image)") from None
+    return (h // factor) * (w // factor)
 
 
 def query_pixels(row, image_processor, spec):
@@ -299,14 +323,22 @@ class GAPDataset(torch.utils.data.Dataset):
                 raise
             return dict(id=self.rows[i]["id"], error=str(e))
 
-    def example(self, row):
+    def check(self, row):
+        """Everything example() checks (image readable and within the processor's limits, length, targets), for
+        the check before training; the processor's pixel work, 95% of the time, is skipped."""
+        self.example(row, pixels=False)
+
+    def example(self, row, pixels=True):
         spec = self.spec
         for n in row.get("_span_pads", []):
             if n != spec.latent_tokens:
                 raise DataError(row["_file"], row["_line"], "response",
                                 f"latent span has {n} <|latent_pad|> tokens but K={spec.latent_tokens}")
-        pixel_values, grid = query_pixels(row, self.image_processor, spec)
-        n_image = n_image_tokens(grid, self.merge)
+        if pixels:
+            pixel_values, grid = query_pixels(row, self.image_processor, spec)
+            n_image = n_image_tokens(grid, self.merge)
+        else:
+            pixel_values, grid, n_image = None, None, query_tokens(row, self.image_processor, spec)
         prompt = self.tokenizer(prompt_text(row["question"], n_image), add_special_tokens=False)["input_ids"]
         keep = self.keeps_latent(row)
         ids, labels = response_ids(self.tokenizer, row["response"], self.latent_ids, spec.latent_tokens, keep)
@@ -580,7 +612,7 @@ def validate_main(cfg: ValidateConfig):
     cache = TargetCache(cfg.target_cache, cfg.latent_tokens, cache_info(backbone, cfg.latent_tokens)) \
         if cfg.latent_tokens else None
     dataset = GAPDataset(cfg.data, tokenizer, image_processor, ids, spec, cache)
-    problems = validate(dataset.rows, dataset.example, rank, world)
+    problems = validate(dataset.rows, dataset.check, rank, world)
     if problems:
         raise DataError(report(problems, len(dataset.rows), "any work") if rank == 0 else "bad examples (see rank 0)")
     if rank == 0:

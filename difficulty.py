@@ -35,7 +35,7 @@ import torch.distributed as dist
 from answers import answers_match, extract_answer
 from common import (BadExamples, DataError, atomic_write_text, chunk_seed, file_hash, merge_parts, output_paths,
                     parse_config, rank_barrier, resume_parts, run_main, setup_distributed)
-from data import PLACEHOLDER, DataSpec, collate, encode_row, query_pixels, read_jsonl, report, validate
+from data import PLACEHOLDER, DataSpec, collate, encode_row, query_tokens, read_jsonl, report, validate
 from latent_head import LatentHead
 from model import GAP, add_latent_tokens, load_backbone
 
@@ -146,7 +146,7 @@ def main(cfg: DifficultyConfig):
         except OSError as e:
             raise DataError(f"--model {cfg.model}: cannot load: {str(e).strip().splitlines()[0]}") from None
         spec = DataSpec(latent_tokens=0, image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels)
-        problems = validate(rows, lambda r: query_pixels(r, image_processor, spec), rank, world)
+        problems = validate(rows, lambda r: query_tokens(r, image_processor, spec), rank, world)
         if problems:
             raise DataError(report(problems, len(rows), "scoring") if rank == 0 else "bad examples (rank 0 lists them)")
     # the results depend on the data's content too: an edited file must not resume the old file's answers

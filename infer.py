@@ -28,7 +28,7 @@ import torch.distributed as dist
 from answers import answers_match, extract_answer
 from common import (BadExamples, DataError, atomic_write_text, chunk_seed, file_hash, merge_parts, output_paths,
                     parse_config, rank_barrier, resume_parts, run_main, setup_distributed)
-from data import DataSpec, collate, encode_prompt, encode_row, query_pixels, read_jsonl, report, validate
+from data import DataSpec, collate, encode_prompt, encode_row, query_tokens, read_jsonl, report, validate
 from model import load_checkpoint
 
 
@@ -143,7 +143,7 @@ def run_batch(cfg: InferConfig, runner: Runner, rank=0, world=1, barrier=lambda:
     out = cfg.out or os.path.join(cfg.ckpt, f"results_{cfg.latent_mode}.jsonl")
     rows, bad_lines = read_jsonl(cfg.data, cfg.skip_bad, need_response=False)
     if not cfg.skip_bad:  # every query image opened and processed first: no bad one stops the run late
-        problems = validate(rows, lambda r: query_pixels(r, runner.image_processor, runner.spec), rank, world)
+        problems = validate(rows, lambda r: query_tokens(r, runner.image_processor, runner.spec), rank, world)
         if problems:
             raise DataError(report(problems, len(rows), "answering") if rank == 0 else "bad examples (rank 0 lists them)")
     # what the results depend on: the flags, the checkpoint's contents and the data's (an edited file is not resumed)

@@ -109,6 +109,26 @@ def test_processor_limits_are_named_by_row_and_skippable(world, gap, tmp_path):
     assert "train.jsonl:2: field 'image': absolute aspect ratio must be smaller than 200" in ds[1]["error"]
 
 
+@pytest.mark.parametrize("size,budget", [((56, 56), 0), ((2000, 30), 0), ((560, 560), 313600), ((700, 90), 313600),
+                                         ((30, 30), 0), ((1280, 960), 1003520), ((33, 4000), 50000), ((20, 4040), 0)])
+def test_the_check_counts_the_image_tokens_the_processor_gives(gap, tmp_path, size, budget):
+    """The check before training counts image tokens from the image's size (query_tokens), without the processor's
+    pixel work: the same count as processing it (query_pixels), or the same refusal."""
+    from data import n_image_tokens, query_pixels, query_tokens
+    _, _, image_processor = gap
+    Image.new("RGB", size, "white").save(tmp_path / "q.png")
+    row = dict(image="q.png", _file=str(tmp_path / "t.jsonl"), _line=1)
+    spec = DataSpec(latent_tokens=K, image_max_pixels=budget)
+    try:
+        expected = n_image_tokens(query_pixels(row, image_processor, spec)[1])
+    except DataError as e:
+        with pytest.raises(DataError, match="aspect ratio"):
+            query_tokens(row, image_processor, spec)
+        assert "aspect ratio" in str(e)
+        return
+    assert query_tokens(row, image_processor, spec) == expected
+
+
 def test_too_long_names_the_pixel_budget_that_fits(world, gap, tmp_path):
     """A sequence over max_len names the --image_max_pixels that would make it fit, and that value does."""
     g, tokenizer, image_processor = gap

@@ -122,7 +122,7 @@ def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
     # which stops the run with it or, with --skip_bad, counts it
     dataset = GAPDataset(cfg.data, tokenizer, image_processor, ids, spec, cache, cfg.skip_bad, return_errors=True)
     if cfg.validate:  # every example checked before step 1, so that no bad one stops the run hours in
-        problems = validate(dataset.rows, dataset.example, rank, world)
+        problems = validate(dataset.rows, dataset.check, rank, world)
         if problems and not cfg.skip_bad:
             raise DataError(report(problems, len(dataset.rows), "training") if rank == 0 else "bad examples (rank 0 "
                             "lists them)")
