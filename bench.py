@@ -71,8 +71,10 @@ class BenchConfig:
     mode: str = field(default="train", metadata={"help": "train: the training step; sample: shared-prefill "
                                                          "sampling; loader: train.py with 0 vs N DataLoader workers; "
                                                          "infer: the latent loop's decode; smoke: one bf16 step "
-                                                         "of each GPU path (run it first on a GPU machine)",
-                                                 "choices": ["train", "sample", "loader", "infer", "smoke"]})
+                                                         "of each GPU path (run it first on a GPU machine); "
+                                                         "validate: the check before training",
+                                                 "choices": ["train", "sample", "loader", "infer", "smoke",
+                                                             "validate"]})
     layers: int = field(default=0, metadata={"help": "decoder layers (0: the shape's own; 7b: 28; sample: tiny's 2)"})
     seed: int = field(default=0, metadata={"help": "weights, length mix and sampling"})
     out: str = field(default="", metadata={"help": "also write the results here as JSON"})
@@ -101,6 +103,8 @@ class BenchConfig:
     workers: int = field(default=2, metadata={"help": "DataLoader workers to compare with 0"})
     loader_image: int = field(default=896, metadata={"help": "side in px of the PNGs written for the loader mode"})
     loader_pixels: int = field(default=448 * 448, metadata={"help": "image_max_pixels given to train.py"})
+    # --mode validate (also uses loader_pixels)
+    validate_examples: int = field(default=200, metadata={"help": "examples with 1280x960 JPEG query images"})
     # --mode infer (also uses shapes, layers, hidden (tiny's width), latent_tokens, repeats, device)
     context: int = field(default=1024, metadata={"help": "prompt tokens for the step ratios and the recompute"})
     rows: int = field(default=8, metadata={"help": "decode rows: batched vs one at a time, static vs continuous"})
@@ -422,6 +426,45 @@ def bench_loader(cfg: BenchConfig):
     return rows
 
 
+def bench_validate(cfg: BenchConfig):
+    """The check train.py runs before step 1 (GAPDataset.check: image tokens from the image's size) against the
+    same pass through example() (the processor's pixel work), per example, in this one process."""
+    import numpy as np
+    from PIL import Image
+    import tiny
+    from data import DataSpec, GAPDataset, TargetCache, TargetsConfig, extract_targets, validate
+    from model import add_latent_tokens, load_backbone
+    rng = np.random.default_rng(cfg.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        backbone, tokenizer, image_processor = load_backbone(tiny.build_tiny(os.path.join(tmp, "tiny")), "cpu")
+        os.makedirs(os.path.join(tmp, "img"))
+        with open(os.path.join(tmp, "t.jsonl"), "w") as f:
+            for i in range(cfg.validate_examples):  # smooth content: JPEGs of photo-like size
+                ramp = np.linspace(0, 255, 1280)[None, :, None] / rng.integers(1, 4)
+                Image.fromarray(np.broadcast_to(ramp, (960, 1280, 3)).astype(np.uint8)).save(
+                    os.path.join(tmp, "img", f"q{i}.jpg"), quality=90)
+                Image.new("RGB", (300, 300), "gray").save(os.path.join(tmp, "img", f"a{i}.png"))
+                f.write(json.dumps(dict(id=str(i), image=f"img/q{i}.jpg", question="How many circles?", answer="3",
+                                        response="<think>Look. <latent> ok</think><answer>3</answer>",
+                                        aux_image=f"img/a{i}.png")) + "\n")
+        data = os.path.join(tmp, "t.jsonl")
+        extract_targets(TargetsConfig(data=data, latent_tokens=4, cache_dir=os.path.join(tmp, "c")), backbone,
+                        image_processor)
+        spec = DataSpec(latent_tokens=4, image_max_pixels=cfg.loader_pixels)
+        ds = GAPDataset(data, tokenizer, image_processor, add_latent_tokens(backbone, tokenizer), spec,
+                        TargetCache(os.path.join(tmp, "c"), 4))
+        rates = {}
+        for name, check in (("check (size only)", ds.check), ("example() (pixels processed)", ds.example)):
+            t0 = time.perf_counter()
+            assert not validate(ds.rows, check)
+            rates[name] = len(ds.rows) / (time.perf_counter() - t0)
+    print(f"{cfg.validate_examples} examples, 1280x960 JPEG query images at image_max_pixels {cfg.loader_pixels}, "
+          f"one process, {torch.get_num_threads()} torch threads")
+    for name, rate in rates.items():
+        print(f"{name}: {rate:.1f} examples/s")
+    return rates
+
+
 PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L40S": 0.864e12}  # bytes/s
 
 
@@ -627,7 +670,7 @@ def bench_smoke(cfg: BenchConfig):
 
 def main(cfg: BenchConfig):
     return dict(sample=bench_sample, loader=bench_loader, train=bench_train, infer=bench_infer,
-                smoke=bench_smoke)[cfg.mode](cfg)
+                smoke=bench_smoke, validate=bench_validate)[cfg.mode](cfg)
 
 
 if __name__ == "__main__":
