@@ -136,15 +136,18 @@ def setup_distributed():
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    attempt = f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}_{next(_GROUPS)}"
+    # workers restarted by torchrun (--max-restarts), or a process that makes a second group (bench.py --mode
+    # smoke), meet in the same store as the group before when it is the launcher's (torchrun's default); its keys
+    # (the old ranks' addresses) must not be read, so each group gets its own prefix (without it gloo connected
+    # to dead addresses and hung). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 every rendezvous round has a new
+    # store, and the restart count is left out: a node whose launcher was replaced counts from 0, the others not
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if agent_store else "0"
+    attempt = f"{restarts}_{next(_GROUPS)}"
     if attempt == "0_0":
         dist.init_process_group(backend)
     else:
-        # workers restarted by torchrun (--max-restarts), or a process that makes a second group (bench.py --mode
-        # smoke), meet in the same store as the group before; its keys (the old ranks' addresses) must not be
-        # read, so each group gets its own prefix (without it gloo connected to dead addresses and hung)
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                               is_master=rank == 0 and not agent_store)
         dist.init_process_group(backend, store=dist.PrefixStore(f"gap_group_{attempt}", store), rank=rank,

@@ -1,7 +1,8 @@
 """Tests of training at scale (train.py) on a tiny random Qwen2.5-VL, with real torchrun launches of 2 gloo ranks
 on the CPU: the gradients of 2 ranks equal those of 1 process (DDP, FSDP2, packed rows, activation
 checkpointing), packed rows give the loss of padded batches, a run killed with SIGKILL and resumed gives the
-losses of an uninterrupted run, a kill mid-save leaves the previous state whole, and the FSDP2 export loads.
+losses of an uninterrupted run, a kill mid-save leaves the previous state whole, and the FSDP2 export loads;
+two nodes simulated by two torchrun launchers train as one launcher does, and recover from a killed node.
 
     python -m pytest -q test_train.py
 """
@@ -20,7 +21,7 @@ from conftest import ENV, HERE, K, make_gap, run, write_jsonl
 from data import DataSpec, GAPDataset, collate, collate_packed, pack
 
 DRIVER = """
-import json, os, signal, sys
+import json, os, signal, sys, time
 import torch
 import data, model, train
 from common import run_main
@@ -54,7 +55,8 @@ if mode == "grads":  # the first optimizer step's gradients, gathered to full te
     train.optimizer_for = optimizer_for
     train.main(cfg)
     print(f"rank {rank} reduced gradients in: {sorted(reduced)}", flush=True)
-else:  # train.main, SIGKILLed on rank 0 after the state of step N is saved, or in the middle of that save
+else:  # train.main, SIGKILLed on rank 0 after the state of step N is saved, or in the middle of that save; or
+    # (hold) every rank of this launcher waits after that save, until the test kills the launcher
     kill = os.environ.get("KILL", "")
     if kill:
         where, at = kill.split(":")
@@ -63,6 +65,9 @@ else:  # train.main, SIGKILLed on rank 0 after the state of step N is saved, or 
             real_save(path, gap, opt, sched, step, *a)
             if where == "after_save" and step == int(at) and rank == 0:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if where == "hold" and step == int(at):
+                open(out + ".held", "w").close()
+                time.sleep(600)
         def replace_dir(tmp, path):  # rank 0 only, once the whole state is in tmp
             if where == "mid_save" and torch.load(os.path.join(tmp, "meta.pt"))["step"] == int(at):
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -83,13 +88,44 @@ def torchrun(args, nproc=2, expect_ok=True, env=None, timeout=600):
     then only that abort happened counts as a success. Never relaunched: a resumed run is not idempotent."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                 if nproc > 1 else [sys.executable])
-    p = subprocess.run(launcher + list(map(str, args)), cwd=HERE, env=dict(ENV, **(env or {})),
-                       capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(launcher + list(map(str, args)), cwd=HERE, env=dict(ENV, **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        stop([proc])  # after a timeout: the launcher and its workers
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     done = all(f"driver done on rank {r}" in p.stdout for r in range(nproc))
     teardown_abort = "terminate called without an active exception" in p.stdout + p.stderr
     if expect_ok:
         assert p.returncode == 0 or (done and teardown_abort), f"run failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
+
+
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants: torchrun starts each worker in a session of its own, so a
+    process-group kill of the launcher would leave them running."""
+    import signal
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in children:
+        kill_tree(int(child))
+
+
+def stop(launchers, logs=()):
+    """Kill the launchers still running, with their workers (after a failure or a timeout too: no orphan is
+    left); returns the text of their logs, printed (pytest shows it when the test fails)."""
+    for p in launchers:
+        if p.poll() is None:  # still ours (an exited process's pid may be another's by now)
+            kill_tree(p.pid)
+            p.wait()
+    outputs = [log.seek(0) or log.read() for log in logs]
+    if outputs:
+        print(*(o[-4000:] for o in outputs), sep="\n----\n")
+    return outputs
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +141,13 @@ def setup(world, tmp_path_factory):
 
 def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+def same_weights(a, b):
+    """Whether the exported models in directories a and b are equal, bit for bit."""
+    from safetensors.torch import load_file
+    a, b = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 GRADS = ["--global_batch", "4", "--max_steps", "1", "--grad_clip", "0"]  # the first step of 4 examples, unclipped
@@ -244,10 +287,7 @@ def test_kill_and_resume_equals_uninterrupted(setup, straight, mode, kill, save_
     torchrun([setup["driver"], "train", f"{out}.json", *args])  # the same command: it continues by itself
     resumed = json.load(open(f"{out}.json"))
     assert resumed == straight[mode]["losses"][saved:]
-    from safetensors.torch import load_file
-    a = load_file(os.path.join(out, "model.safetensors"))
-    b = load_file(os.path.join(straight[mode]["out"], "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(out, straight[mode]["out"])
 
 
 def test_fsdp_export_matches_ddp_and_loads(straight):
@@ -325,7 +365,6 @@ def test_elastic_restart_after_a_killed_worker_equals_uninterrupted(setup, tmp_p
     are an uninterrupted run's exactly."""
     import random
     import signal
-    from safetensors.torch import load_file
     # 36 steps, saved every 2: the kill lands in the middle of the run, not after it ended
     args = [*setup["args"], "--global_batch", "4", "--epochs", "12", "--save_every", "2"]
     torchrun([setup["driver"], "train", tmp_path / "straight.json", *args, "--out_dir", tmp_path / "straight"])
@@ -348,15 +387,14 @@ def test_elastic_restart_after_a_killed_worker_equals_uninterrupted(setup, tmp_p
     try:
         proc.wait(timeout=240)
     finally:
-        proc.kill()
+        stop([proc])
         log.seek(0)
         output = log.read()
         print(output[-5000:])  # shown by pytest when the test fails
     done = "driver done on rank 0" in output and "driver done on rank 1" in output
     assert proc.returncode == 0 or (done and "terminate called without an active exception" in output), output[-3000:]
     assert output.count("resumed from") >= 1, output[-3000:]  # the restarted group continued from the state
-    a, b = load_file(os.path.join(out, "model.safetensors")), load_file(tmp_path / "straight" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(out, tmp_path / "straight")
 
 
 def free_port():
@@ -366,22 +404,74 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("flags", [["--micro_batch", "1"], ["--fsdp", "--micro_batch", "1"]], ids=["ddp", "fsdp"])
-def test_two_nodes_on_one_machine_give_the_gradients_of_one_process(setup, reference_grads, tmp_path, flags):
-    """Two torchrun launchers, --nnodes 2 --nproc_per_node 1, meeting through a c10d rendezvous on 127.0.0.1:
-    the gradients of one process on the combined batch, as with one launcher of 2 processes."""
-    out = tmp_path / "grads.pt"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "gap-test"]
-    cmd = launcher + list(map(str, [setup["driver"], "grads", out, *setup["args"], *GRADS, *flags,
-                                    "--out_dir", tmp_path / "gap"]))
-    nodes = [subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in nodes]
-    for p, o in zip(nodes, outputs):
-        assert p.returncode == 0 or ("driver done" in o and "terminate called without an active exception" in o), o[-3000:]
+def node(port, args, log, env=None, host=None, extra=()):
+    """Start the torchrun launcher of one simulated node: one process, a c10d rendezvous on 127.0.0.1:port (host:
+    whether this launcher holds the rendezvous store; None: the first to bind the port does)."""
+    conf = [] if host is None else ["--rdzv_conf", f"is_host={int(host)}" + "".join(f",{c}" for c in extra)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend",
+           "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "gap-test", *conf, *map(str, args)]
+    return subprocess.Popen(cmd, cwd=HERE, env=dict(ENV, **(env or {})), stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(p, output):
+    """A launcher exited 0, or every rank it ran finished and only gloo's teardown abort followed (see torchrun)."""
+    return p.returncode == 0 or ("driver done" in output and "terminate called without an active exception" in output)
+
+
+STRAIGHT = ["--global_batch", "4", "--epochs", "2", "--save_every", "3"]  # the straight fixture's run
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_nodes_on_one_machine_train_as_one_launcher(setup, straight, tmp_path, mode):
+    """Two torchrun launchers, --nnodes 2 --nproc_per_node 1, meeting through a c10d rendezvous on 127.0.0.1, run
+    the 6 steps to the end: the losses and the exported weights of one launcher with 2 processes, exactly (the
+    same 2 ranks and reductions; that run's gradients are one process's on the combined batch, tested above)."""
+    port, losses = free_port(), tmp_path / "losses.json"
+    args = [setup["driver"], "train", losses, *setup["args"], *STRAIGHT, "--out_dir", tmp_path / "gap"]
+    args += ["--fsdp"] if mode == "fsdp" else []
+    logs = [open(tmp_path / f"node{i}.log", "w+") for i in range(2)]
+    nodes = [node(port, args, log) for log in logs]
+    try:
+        for p in nodes:
+            p.wait(timeout=240)
+    finally:
+        outputs = stop(nodes, logs)
+    assert all(finished(p, o) for p, o in zip(nodes, outputs))
     assert "2 rank(s)" in "".join(outputs)
-    two = torch.load(out)
-    assert two.keys() == reference_grads.keys()
-    for name, g in reference_grads.items():
-        assert rel_err(two[name], g) < 1e-4, f"{name}: relative gradient difference {rel_err(two[name], g):.2e}"
+    assert json.load(open(losses)) == straight[mode]["losses"]
+    assert same_weights(tmp_path / "gap", straight[mode]["out"])
+
+
+def test_a_node_killed_and_started_again_recovers(setup, straight, tmp_path):
+    """Two nodes (FSDP2), torchrun --max-restarts 2 with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: the node that does
+    not hold the rendezvous store is killed whole (launcher and worker, SIGKILL) after the state of step 3 of 6
+    is saved, and its launcher started again with the same rendezvous id. The other launcher restarts its
+    worker, both meet in a new rendezvous round, train.py continues from step 3 by itself, and the losses and
+    weights are the uninterrupted run's exactly."""
+    port, losses, out = free_port(), tmp_path / "losses.json", tmp_path / "gap"
+    args = ["--max-restarts", "2", "--monitor-interval", "0.1", setup["driver"], "train", losses, *setup["args"],
+            *STRAIGHT, "--fsdp", "--out_dir", out]
+    # a dead node leaves the rendezvous after keep_alive_interval x keep_alive_max_attempt seconds without heartbeat
+    extra, env = ["keep_alive_interval=1", "keep_alive_max_attempt=5"], {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    logs = [open(tmp_path / f"node{i}.log", "w+") for i in range(3)]
+    nodes = [node(port, args, logs[0], env, host=True, extra=extra),
+             node(port, args, logs[1], dict(env, KILL="hold:3"), host=False, extra=extra)]
+    t0 = time.time()
+    try:
+        while not os.path.exists(f"{losses}.held"):  # node 1 saved step 3 and waits; node 0 waits in step 4
+            assert all(p.poll() is None for p in nodes) and time.time() - t0 < 180, "no save at step 3"
+            time.sleep(0.05)
+        kill_tree(nodes[1].pid)
+        nodes[1].wait(timeout=30)
+        t_kill = time.time()
+        nodes.append(node(port, args, logs[2], env, host=False, extra=extra))  # the node's launcher, started again
+        for p in (nodes[0], nodes[2]):
+            p.wait(timeout=180)
+        print(f"recovered and finished {time.time() - t_kill:.1f} s after the kill")
+    finally:
+        outputs = stop(nodes, logs)
+    assert "driver done" not in outputs[1]
+    assert finished(nodes[0], outputs[0]) and finished(nodes[2], outputs[2])
+    assert f"resumed from {out}.state at step 3" in outputs[0] + outputs[2]
+    assert json.load(open(losses)) == straight["fsdp"]["losses"][3:]
+    assert same_weights(out, straight["fsdp"]["out"])
