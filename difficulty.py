@@ -72,7 +72,8 @@ class DifficultyConfig:
     skip_bad: bool = field(default=False, metadata={"help": "skip and count bad examples instead of stopping"})
 
 
-# the flags that change what is sampled: a resumed run must use the same ones
+# the flags a resumed run must keep: those that change what is sampled, and the batching (--batch_size,
+# --schedule), which changes only float rounding (padded batches or single prompts)
 SAMPLING_KEYS = ("model", "data", "samples", "temperature", "top_p", "max_new_tokens", "batch_size", "schedule",
                  "seed", "image_min_pixels", "image_max_pixels", "responses")
 

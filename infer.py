@@ -134,7 +134,8 @@ class Runner:
         return encode_prompt(self.tokenizer, self.image_processor, image, question, self.spec, id)
 
 
-# the flags that change results: a resumed run must use the same ones (and the same checkpoint contents)
+# the flags that change results: a resumed run must use the same ones (and the same checkpoint contents);
+# --batch_size and --schedule change only float rounding, and what latency_s means
 RESULT_KEYS = ("ckpt", "data", "latent_mode", "norm_calib", "ema_beta", "max_new_tokens", "temperature", "top_p",
                "batch_size", "schedule", "seed")
 
