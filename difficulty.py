@@ -159,7 +159,8 @@ def score_continuous(gap, tokenizer, image_processor, rows, cfg: DifficultyConfi
         yield from skipped
         if not items:
             continue
-        prompts = [{k: it[k].to(dev) for k in ("input_ids", "pixel_values", "image_grid_thw")} for it in items]
+        # on the CPU until a row takes them (continuous_steps moves each prompt to the device at its prefill)
+        prompts = [{k: it[k] for k in ("input_ids", "pixel_values", "image_grid_thw")} for it in items]
         samples = {}  # example -> {j: tokens}
         for job, tokens in latent_loop.generate_continuous(
                 gap.backbone, gap.head, gap.latent_ids, gap.latent_tokens, prompts,

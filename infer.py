@@ -102,8 +102,9 @@ class Runner:
         """Yield (index, response, seconds) for each of a list of encode_prompt() items as it finishes, decoded by
         continuous batching in --batch_size rows; generators: one per item (else the runner's one). seconds: from
         the end of the step before its prefill to the step that chose its last token, plus decoding its text."""
-        g, cfg, dev = self.gap, self.cfg, self.gap.backbone.device
-        prompts = [{k: it[k].to(dev) for k in ("input_ids", "pixel_values", "image_grid_thw")} for it in items]
+        g, cfg = self.gap, self.cfg
+        # on the CPU until a row takes them (continuous_steps moves each prompt to the device at its prefill)
+        prompts = [{k: it[k] for k in ("input_ids", "pixel_values", "image_grid_thw")} for it in items]
         steps = latent_loop.continuous_steps(
             g.backbone, g.head, g.latent_ids, g.latent_tokens, prompts, min(cfg.batch_size, len(items)),
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
