@@ -623,7 +623,7 @@ def bench_eval(cfg: BenchConfig):
     new = sorted(new)
     rows.append(dict(name="infer.py --data samples/s, continuous / static", value=rows[1]["value"] / rows[0]["value"],
                      identical_outputs=results["static"] == results["continuous"], examples=len(new),
-                     median_tokens=infer.percentile(new, 0.5), p90_tokens=infer.percentile(new, 0.9), max_tokens=new[-1]))
+                     min_tokens=new[0], median_tokens=infer.percentile(new, 0.5), p90_tokens=infer.percentile(new, 0.9), max_tokens=new[-1]))
     for r in rows:
         extra = {k: v for k, v in r.items() if k not in ("name", "value")}
         print(f"{r['name']:<52} {r['value']:>9.3f}  " + " ".join(
