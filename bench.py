@@ -37,7 +37,9 @@ files) with --schedule static (chunks of --rows) and continuous (--rows rows), o
 sampled at temperature 1 with up to --max_new_tokens tokens: the random model stops with probability about
 2/620 per token (<|im_end|>, <|endoftext|> in a near-uniform distribution), so answer lengths are geometric,
 median ~210 and P90 ~3.3x that; each example draws from its own generator, so both schedules must write the
-same results. samples/s counts run_batch's wall time (the checkpoint loaded before).
+same results. samples/s counts run_batch's wall time (the checkpoint loaded before). Then the same for
+difficulty.py on the base model: --samples answers per example, static chunks of --rows // --samples prompts
+against --rows continuous rows (difficulty.main's wall time, loading the tiny model included).
 
     OMP_NUM_THREADS=1 python bench.py --mode eval --eval_prompts 64 --max_new_tokens 1024
 
@@ -584,9 +586,10 @@ def bench_infer(cfg: BenchConfig):
 
 
 def bench_eval(cfg: BenchConfig):
-    """infer.py --data end to end with each schedule (module docstring, --mode eval); one row per schedule and
-    their ratio, which requires identical results (latency aside)."""
-    import infer  # its batch mode is what is measured, as toy.py evaluates with it
+    """infer.py --data and difficulty.py end to end with each schedule (module docstring, --mode eval); one row per
+    schedule and their ratios, which require identical results (latency aside)."""
+    import difficulty  # the entry points' batch modes are what is measured, as toy.py evaluates with them
+    import infer
     import latent_loop
     import tiny
     from latent_head import LatentHead
@@ -620,10 +623,26 @@ def bench_eval(cfg: BenchConfig):
             rows.append(dict(name=f"infer.py --data samples/s, {schedule}", value=len(results[schedule]) / seconds,
                              seconds=seconds, latency_mean=lat["mean"], latency_p50=lat["p50"],
                              latency_p90=lat["p90"]))
-    new = sorted(new)
-    rows.append(dict(name="infer.py --data samples/s, continuous / static", value=rows[1]["value"] / rows[0]["value"],
-                     identical_outputs=results["static"] == results["continuous"], examples=len(new),
-                     min_tokens=new[0], median_tokens=infer.percentile(new, 0.5), p90_tokens=infer.percentile(new, 0.9), max_tokens=new[-1]))
+        new = sorted(new)
+        rows.append(dict(name="infer.py --data samples/s, continuous / static",
+                         value=rows[1]["value"] / rows[0]["value"],
+                         identical_outputs=results["static"] == results["continuous"], examples=len(new),
+                         min_tokens=new[0], median_tokens=infer.percentile(new, 0.5),
+                         p90_tokens=infer.percentile(new, 0.9), max_tokens=new[-1]))
+        for schedule in ("static", "continuous"):
+            out = os.path.join(tmp, f"scored_{schedule}.jsonl")
+            t0 = time.perf_counter()
+            difficulty.main(difficulty.DifficultyConfig(
+                model=model_dir, data=data, out=out, samples=cfg.samples, temperature=1.0,
+                max_new_tokens=cfg.max_new_tokens, batch_size=max(1, cfg.rows // cfg.samples), schedule=schedule,
+                seed=cfg.seed))
+            seconds = time.perf_counter() - t0
+            with open(out) as f:
+                results[schedule] = f.read()
+            n = cfg.eval_prompts * cfg.samples
+            rows.append(dict(name=f"difficulty.py samples/s, {schedule}", value=n / seconds, seconds=seconds))
+        rows.append(dict(name="difficulty.py samples/s, continuous / static", value=rows[4]["value"] / rows[3]["value"],
+                         identical_outputs=results["static"] == results["continuous"], samples=n))
     for r in rows:
         extra = {k: v for k, v in r.items() if k not in ("name", "value")}
         print(f"{r['name']:<52} {r['value']:>9.3f}  " + " ".join(

@@ -130,11 +130,19 @@ def test_smoke_mode_runs_every_path_under_torchrun():
 
 
 def test_eval_mode_schedules_agree():
-    """bench.py --mode eval at toy sizes: infer.py's batch mode with either schedule answers every example the same
-    (sampled, one generator per example), and the answers end at uneven lengths (continuous rows are refilled)."""
-    rows = bench.main(bench.BenchConfig(mode="eval", eval_prompts=6, max_new_tokens=80, rows=2, latent_tokens=4))
+    """bench.py --mode eval at toy sizes: infer.py's batch mode and difficulty.py with either schedule write the same
+    results (sampled, one generator per example or sample), and the answers end at uneven lengths (continuous
+    rows are refilled)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on a busy 2-core machine spin against the other processes
+    try:
+        rows = bench.main(bench.BenchConfig(mode="eval", eval_prompts=6, max_new_tokens=80, rows=4, samples=2,
+                                            latent_tokens=4))
+    finally:
+        torch.set_num_threads(threads)
     by = {r["name"]: r for r in rows}
     ratio = by["infer.py --data samples/s, continuous / static"]
     assert ratio["identical_outputs"] and ratio["examples"] == 6
     assert ratio["min_tokens"] < ratio["max_tokens"] == 80, "some answers must stop early, some run to the budget"
+    assert by["difficulty.py samples/s, continuous / static"]["identical_outputs"]
     assert all(r["value"] > 0 for r in rows)
