@@ -31,6 +31,18 @@ prefill), best of --repeats. --loop_file times another copy of latent_loop.py (e
     OMP_NUM_THREADS=1 python bench.py --mode infer --shapes small --compile       # d=512, 4 layers
     python bench.py --mode infer --shapes 7b --device cuda --rows 32 --compile    # 7B shapes, random weights
 
+--mode eval: `infer.py --data` end to end (infer.run_batch: prompt encoding, generation, decoding, scoring, result
+files) with --schedule static (chunks of --rows) and continuous (--rows rows), on a tiny random GAP checkpoint
+(tiny.build_tiny with --hidden, a parameter-free head, K = --latent_tokens) and --eval_prompts sample examples,
+sampled at temperature 1 with up to --max_new_tokens tokens: the random model stops with probability about
+2/620 per token (<|im_end|>, <|endoftext|> in a near-uniform distribution), so answer lengths are geometric,
+median ~210 and P90 ~3.3x that; each example draws from its own generator, so both schedules must write the
+same results. samples/s counts run_batch's wall time (the checkpoint loaded before). Then the same for
+difficulty.py on the base model: --samples answers per example, static chunks of --rows // --samples prompts
+against --rows continuous rows (difficulty.main's wall time, loading the tiny model included).
+
+    OMP_NUM_THREADS=1 python bench.py --mode eval --eval_prompts 64 --max_new_tokens 1024
+
 Training shapes (tiny.tiny_config with SHAPES' overrides): `7b` are Qwen2.5-VL-7B's (hidden 3584, intermediate
 18944, 28 heads / 4 KV heads, vocab 152064; vision tower 32 blocks of 1280) with --layers decoder layers (as many
 as fit). Synthetic examples: an image of U{a..b} merged vision tokens, a response of log-normal length, one
@@ -70,10 +82,11 @@ class BenchConfig:
     """Benchmark train.py's training step (padded vs packed, per attention backend) or difficulty.py's sampler."""
     mode: str = field(default="train", metadata={"help": "train: the training step; sample: shared-prefill "
                                                          "sampling; loader: train.py with 0 vs N DataLoader workers; "
-                                                         "infer: the latent loop's decode; smoke: one bf16 step "
-                                                         "of each GPU path (run it first on a GPU machine); "
-                                                         "validate: the check before training",
-                                                 "choices": ["train", "sample", "loader", "infer", "smoke",
+                                                         "infer: the latent loop's decode; eval: infer.py --data "
+                                                         "static vs continuous; smoke: one bf16 step of each GPU "
+                                                         "path (run it first on a GPU machine); validate: the "
+                                                         "check before training",
+                                                 "choices": ["train", "sample", "loader", "infer", "eval", "smoke",
                                                              "validate"]})
     layers: int = field(default=0, metadata={"help": "decoder layers (0: the shape's own; 7b: 28; sample: tiny's 2)"})
     seed: int = field(default=0, metadata={"help": "weights, length mix and sampling"})
@@ -94,7 +107,8 @@ class BenchConfig:
     # --mode sample
     samples: int = field(default=8, metadata={"help": "N samples per prompt"})
     prompts: int = field(default=4, metadata={"help": "prompts per batched call"})
-    max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per sample (all rows, no stop)"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per sample (all rows, no stop); "
+                                                              "eval: the answer budget"})
     image_side: int = field(default=56, metadata={"help": "query image side in px (28 px = one image token)"})
     hidden: int = field(default=64, metadata={"help": "tiny model width"})
     repeats: int = field(default=3, metadata={"help": "timed repeats per variant (the best is reported)"})
@@ -614,6 +628,71 @@ def bench_infer(cfg: BenchConfig):
     return rows
 
 
+def bench_eval(cfg: BenchConfig):
+    """infer.py --data and difficulty.py end to end with each schedule (module docstring, --mode eval); one row per
+    schedule and their ratios, which require identical results (latency aside)."""
+    import difficulty  # the entry points' batch modes are what is measured, as toy.py evaluates with them
+    import infer
+    import latent_loop
+    import tiny
+    from latent_head import LatentHead
+    from model import GAP, add_latent_tokens, load_backbone, save_checkpoint
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = tiny.build_tiny(os.path.join(tmp, "tiny"), cfg.hidden, cfg.layers or 2, seed=cfg.seed)
+        data = tiny.write_sample_data(os.path.join(tmp, "data"), cfg.eval_prompts, seed=cfg.seed)
+        backbone, tokenizer, image_processor = load_backbone(model_dir, "cpu")
+        ids = add_latent_tokens(backbone, tokenizer)
+        head = LatentHead("hidden", backbone.config.text_config.hidden_size)
+        ckpt = os.path.join(tmp, "gap")
+        save_checkpoint(GAP(backbone, head, ids, cfg.latent_tokens), tokenizer, image_processor, ckpt, {})
+        for schedule in ("static", "continuous"):
+            ic = infer.InferConfig(ckpt=ckpt, data=data, out=os.path.join(tmp, f"{schedule}.jsonl"), temperature=1.0,
+                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.rows, schedule=schedule,
+                                   seed=cfg.seed)
+            runner = infer.Runner(ic, torch.device(cfg.device))
+            decode, new = runner.gap.decode, []
+
+            def counted(tok, ids):  # each answer's new tokens (a row of static batching: up to its first DONE)
+                new.append(int((ids != latent_loop.DONE).sum()))
+                return decode(tok, ids)
+            runner.gap.decode = counted
+            t0 = time.perf_counter()
+            summary = infer.run_batch(ic, runner)
+            seconds = time.perf_counter() - t0
+            with open(ic.out) as f:
+                results[schedule] = [{k: v for k, v in json.loads(line).items() if k != "latency_s"} for line in f]
+            lat = summary["latency_s"]
+            rows.append(dict(name=f"infer.py --data samples/s, {schedule}", value=len(results[schedule]) / seconds,
+                             seconds=seconds, latency_mean=lat["mean"], latency_p50=lat["p50"],
+                             latency_p90=lat["p90"]))
+        new = sorted(new)
+        rows.append(dict(name="infer.py --data samples/s, continuous / static",
+                         value=rows[1]["value"] / rows[0]["value"],
+                         identical_outputs=results["static"] == results["continuous"], examples=len(new),
+                         min_tokens=new[0], median_tokens=infer.percentile(new, 0.5),
+                         p90_tokens=infer.percentile(new, 0.9), max_tokens=new[-1]))
+        for schedule in ("static", "continuous"):
+            out = os.path.join(tmp, f"scored_{schedule}.jsonl")
+            t0 = time.perf_counter()
+            difficulty.main(difficulty.DifficultyConfig(
+                model=model_dir, data=data, out=out, samples=cfg.samples, temperature=1.0,
+                max_new_tokens=cfg.max_new_tokens, batch_size=max(1, cfg.rows // cfg.samples), schedule=schedule,
+                seed=cfg.seed))
+            seconds = time.perf_counter() - t0
+            with open(out) as f:
+                results[schedule] = f.read()
+            n = cfg.eval_prompts * cfg.samples
+            rows.append(dict(name=f"difficulty.py samples/s, {schedule}", value=n / seconds, seconds=seconds))
+        rows.append(dict(name="difficulty.py samples/s, continuous / static", value=rows[4]["value"] / rows[3]["value"],
+                         identical_outputs=results["static"] == results["continuous"], samples=n))
+    for r in rows:
+        extra = {k: v for k, v in r.items() if k not in ("name", "value")}
+        print(f"{r['name']:<52} {r['value']:>9.3f}  " + " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()))
+    return rows
+
+
 def bench_smoke(cfg: BenchConfig):
     """The GPU code paths before a real run: one bf16 training step (train.main itself) for DDP and FSDP2, padded
     and packed, with SDPA and with FlashAttention-2 when it imports, on a tiny model and sample data written to a
@@ -669,7 +748,7 @@ def bench_smoke(cfg: BenchConfig):
 
 
 def main(cfg: BenchConfig):
-    return dict(sample=bench_sample, loader=bench_loader, train=bench_train, infer=bench_infer,
+    return dict(sample=bench_sample, loader=bench_loader, train=bench_train, infer=bench_infer, eval=bench_eval,
                 smoke=bench_smoke, validate=bench_validate)[cfg.mode](cfg)
 
 

@@ -10,14 +10,20 @@ final answer of each sample is extracted, compared with the ground-truth `answer
 fraction correct (paper section 4.3, eq. 4). OUT gets every input line, in input order, with its
 fields unchanged plus `accuracy` and `answers` (the N extracted answers; `responses` with --responses).
 
-Sampling: one generate call per batch of --batch_size prompts, each prompt prefilled once and its KV cache
-repeated into N decode rows (GAP.generate num_samples). Batches are fixed chunks of the input and rank r
-takes chunks r, r + world, ...; each chunk's generator is seeded from (--seed, its first id). So the output
-is a function of the data, the model and the sampling flags (--batch_size included), and is the same for
-any number of ranks and whether or not the run was interrupted (on one kind of device and thread count;
-a different --batch_size draws different, equally valid, samples).
+Sampling: each prompt is prefilled once and decoded in N rows, and sample j of an example draws from its own
+generator, seeded from (--seed, its id, j). The examples are cut into fixed chunks of --batch_size and rank r
+takes chunks r, r + world, ...; two schedules decode them:
+  continuous (default)  --batch_size x N decode rows; when a sample ends its row takes the next one (the N
+                        samples of a prompt share its one prefill: latent_loop.continuous_steps num_samples), so
+                        a long answer holds one row, not a whole batch; an example's line is written when its N
+                        samples have ended.
+  static                one generate call per chunk (GAP.generate num_samples = N); its lines are written when its
+                        longest sample ends.
+So the output is a function of the data, the model and the sampling flags, and is the same for either
+schedule, any number of ranks and whether or not the run was interrupted (on one kind of device and thread
+count; up to float rounding, which differs between padded batches and single prompts).
 
-Resumable: each rank appends finished chunks to OUT-stem.rankR.jsonl (flushed and fsynced per chunk); a
+Resumable: each rank appends finished examples to OUT-stem.rankR.jsonl (flushed and fsynced); a
 restart reads every part file, drops a line torn by a kill, and skips the ids already there. The flags that
 change samples are kept in OUT-stem.config.json and a restart with other ones fails. Rank 0 merges the parts
 into OUT (atomically) and writes OUT-stem.summary.json; the part files stay, so a re-run only re-merges.
@@ -32,6 +38,7 @@ from dataclasses import field
 import torch
 import torch.distributed as dist
 
+import latent_loop
 from answers import answers_match, extract_answer
 from common import (BadExamples, DataError, atomic_write_text, chunk_seed, file_hash, merge_parts, output_paths,
                     parse_config, rank_barrier, resume_parts, run_main, setup_distributed)
@@ -52,8 +59,12 @@ class DifficultyConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0: greedy, N equal answers)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
     max_new_tokens: int = field(default=1024, metadata={"help": "tokens per sampled answer"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generate call; each decodes N rows"})
-    seed: int = field(default=0, metadata={"help": "sampling seed; each chunk's generator is (seed, first id)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts decoded at once, each in N rows"})
+    schedule: str = field(default="continuous", metadata={"help": "continuous (a finished sample's row takes the "
+                                                                  "next one) | static (fixed chunks); the same "
+                                                                  "output, continuous is faster on long tails",
+                                                          "choices": ["continuous", "static"]})
+    seed: int = field(default=0, metadata={"help": "sampling seed; sample j of an example draws from (seed, id, j)"})
     tau: float = field(default=0.0, metadata={"help": "summary: accuracy <= tau gets latent supervision (eq. 4)"})
     image_min_pixels: int = field(default=0, metadata={"help": "query-image min pixels (0: processor's)"})
     image_max_pixels: int = field(default=0, metadata={"help": "query-image max pixels (0: processor's)"})
@@ -61,9 +72,10 @@ class DifficultyConfig:
     skip_bad: bool = field(default=False, metadata={"help": "skip and count bad examples instead of stopping"})
 
 
-# the flags that change what is sampled: a resumed run must use the same ones
-SAMPLING_KEYS = ("model", "data", "samples", "temperature", "top_p", "max_new_tokens", "batch_size", "seed",
-                 "image_min_pixels", "image_max_pixels", "responses")
+# the flags a resumed run must keep: those that change what is sampled, and the batching (--batch_size,
+# --schedule), which changes only float rounding (padded batches or single prompts)
+SAMPLING_KEYS = ("model", "data", "samples", "temperature", "top_p", "max_new_tokens", "batch_size", "schedule",
+                 "seed", "image_min_pixels", "image_max_pixels", "responses")
 
 
 def load_scorer(path, device=None):
@@ -76,38 +88,89 @@ def load_scorer(path, device=None):
     return GAP(backbone, head, ids, latent_tokens=0).eval(), tokenizer, image_processor
 
 
-def score_chunk(gap, tokenizer, image_processor, chunk, cfg: DifficultyConfig):
-    """Result lines (JSON + newline) of one chunk of examples, from one generate call in which each prompt
-    is prefilled once and decoded in N rows (row b*N + j is sample j of prompt b). A bad image is an error,
-    or with skip_bad a `_skipped` line that the merge counts and leaves out."""
+def encode_rows(tokenizer, image_processor, rows, cfg: DifficultyConfig, bad: BadExamples):
+    """(items, the rows they are of, `_skipped` lines): a bad image is an error, or with skip_bad a `_skipped`
+    line that the merge counts and leaves out (so a resume does not try it again)."""
     spec = DataSpec(latent_tokens=0, image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels)
-    items, lines = [], {}
-    bad = BadExamples(cfg.skip_bad)
-    for r in chunk:
+    items, kept, skipped = [], [], []
+    for r in rows:
         try:
             items.append(encode_row(tokenizer, image_processor, r, spec))
+            kept.append(r)
         except DataError as e:  # not bad.guard(): a skipped example also gets a line, so a resume skips it too
             bad.add(str(e))  # raises unless --skip_bad
-            lines[r["id"]] = json.dumps({"id": r["id"], "_skipped": str(e)}) + "\n"
+            skipped.append(json.dumps({"id": r["id"], "_skipped": str(e)}) + "\n")
+    return items, kept, skipped
+
+
+def sample_generators(cfg: DifficultyConfig, rows, device):
+    """One generator per sample, in row order (row b*N + j is sample j of rows[b]), seeded from (--seed, id, j):
+    what a sample draws depends on nothing else. None when greedy (nothing is drawn)."""
+    if cfg.temperature <= 0:
+        return None
+    return [torch.Generator(device).manual_seed(chunk_seed(cfg.seed, f"{r['id']}/{j}"))
+            for r in rows for j in range(cfg.samples)]
+
+
+def result_line(gap, tokenizer, r, tokens, cfg: DifficultyConfig):
+    """The output line of example r from its N samples' tokens."""
+    responses = [gap.decode(tokenizer, t) for t in tokens]
+    answers = [extract_answer(s) for s in responses]
+    correct = sum(answers_match(a, str(r["answer"]), r["question"]) for a in answers)
+    result = dict(r["_raw"], accuracy=correct / len(answers), answers=answers)
+    if cfg.responses:
+        result["responses"] = responses
+    return json.dumps(result) + "\n"
+
+
+def stop_ids(tokenizer):
+    return [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+
+
+def score_chunk(gap, tokenizer, image_processor, chunk, cfg: DifficultyConfig, bad: BadExamples):
+    """Result lines (JSON + newline) of one chunk of examples (static schedule), in chunk order, from one
+    generate call in which each prompt is prefilled once and decoded in N rows."""
+    items, kept, skipped = encode_rows(tokenizer, image_processor, chunk, cfg, bad)
+    lines = {json.loads(line)["id"]: line for line in skipped}
     if items:
         dev, n = gap.backbone.device, cfg.samples
         batch = collate(items, tokenizer.pad_token_id, left=True)
-        stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
         tokens = gap.generate(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
                               batch["pixel_values"].to(dev), batch["image_grid_thw"].to(dev),
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              num_samples=n, stop_ids=stop_ids,
-                              generator=torch.Generator(dev).manual_seed(chunk_seed(cfg.seed, chunk[0]["id"])))
-        tokens = tokens.cpu()  # (B*N, S)
-        for b, r in enumerate([r for r in chunk if r["id"] not in lines]):  # the rows that got a prompt
-            responses = [gap.decode(tokenizer, t) for t in tokens[b * n:(b + 1) * n]]
-            answers = [extract_answer(s) for s in responses]
-            correct = sum(answers_match(a, str(r["answer"]), r["question"]) for a in answers)
-            result = dict(r["_raw"], accuracy=correct / n, answers=answers)
-            if cfg.responses:
-                result["responses"] = responses
-            lines[r["id"]] = json.dumps(result) + "\n"
+                              num_samples=n, stop_ids=stop_ids(tokenizer),
+                              generator=sample_generators(cfg, kept, dev)).cpu()  # (B*N, S)
+        for b, r in enumerate(kept):
+            lines[r["id"]] = result_line(gap, tokenizer, r, tokens[b * n:(b + 1) * n], cfg)
     return [lines[r["id"]] for r in chunk]
+
+
+# continuous schedule: prompts are encoded WINDOW x --batch_size at a time, so that the encoded images held at
+# once stay bounded; rows idle only at the end of each window
+WINDOW = 16
+
+
+def score_continuous(gap, tokenizer, image_processor, rows, cfg: DifficultyConfig, bad: BadExamples):
+    """Yield the result line of each of `rows` as its N samples have ended (continuous schedule)."""
+    dev, n, size = gap.backbone.device, cfg.samples, WINDOW * cfg.batch_size
+    for w in range(0, len(rows), size):
+        items, kept, skipped = encode_rows(tokenizer, image_processor, rows[w:w + size], cfg, bad)
+        yield from skipped
+        if not items:
+            continue
+        # on the CPU until a row takes them (continuous_steps moves each prompt to the device at its prefill)
+        prompts = [{k: it[k] for k in ("input_ids", "pixel_values", "image_grid_thw")} for it in items]
+        samples = {}  # example -> {j: tokens}
+        for job, tokens in latent_loop.generate_continuous(
+                gap.backbone, gap.head, gap.latent_ids, gap.latent_tokens, prompts,
+                min(cfg.batch_size, len(items)) * n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                top_p=cfg.top_p, num_samples=n, stop_ids=stop_ids(tokenizer),
+                generator=sample_generators(cfg, kept, dev)):
+            b, j = divmod(job, n)
+            samples.setdefault(b, {})[j] = tokens
+            if len(samples[b]) == n:
+                ended = samples.pop(b)
+                yield result_line(gap, tokenizer, kept[b], [ended[j] for j in range(n)], cfg)
 
 
 def merge(cfg: DifficultyConfig, rows, bad_lines, summary_path, world):
@@ -158,13 +221,23 @@ def main(cfg: DifficultyConfig):
     print(f"rank {rank}/{world}: {sum(len(c) for c in chunks)} examples, "
           f"{sum(r['id'] in done for c in chunks for r in c)} already done, {bad_lines} bad lines skipped")
     gap, tokenizer, image_processor = load_scorer(cfg.model, device) if todo else (None, None, None)
+    bad = BadExamples(cfg.skip_bad)
     with open(mine, "a") as f:
-        for chunk in tqdm(todo, desc="difficulty", unit="batch", disable=rank != 0):
-            lines = score_chunk(gap, tokenizer, image_processor, chunk, cfg)
-            # a chunk cut by a kill is sampled again whole (same generator), only its missing lines written
-            f.write("".join(line for r, line in zip(chunk, lines) if r["id"] not in done))
+        def write(text):  # whole lines, on disk before the next one starts
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+        if cfg.schedule == "static":
+            for chunk in tqdm(todo, desc="difficulty", unit="batch", disable=rank != 0):
+                lines = score_chunk(gap, tokenizer, image_processor, chunk, cfg, bad)
+                # a chunk cut by a kill is sampled again whole, only its missing lines written
+                write("".join(line for r, line in zip(chunk, lines) if r["id"] not in done))
+        else:
+            left = [r for c in todo for r in c if r["id"] not in done]
+            for line in tqdm(score_continuous(gap, tokenizer, image_processor, left, cfg, bad), desc="difficulty",
+                             unit="example", total=len(left), disable=rank != 0):
+                write(line)
     barrier()
     summary = merge(cfg, rows, bad_lines, output_paths(cfg.out)[2], world) if rank == 0 else None
     if dist.is_initialized():

@@ -6,13 +6,24 @@ load a checkpoint written by train.py and answer with latent reasoning through t
     torchrun --nproc_per_node 8 infer.py --ckpt out/gap --data test.jsonl --batch_size 1   # sharded, table 9
 
 Batch mode: the examples are cut into fixed chunks of --batch_size and rank r of a torchrun run takes chunks
-r, r + world, ...; each chunk's generator is seeded from (--seed, its first id), so the results are the same
-for any number of ranks and whether or not the run was interrupted. Each rank appends finished chunks to
-OUT-stem.rankR.jsonl (flushed and fsynced); a restart skips the ids already there and fails if the flags that
-change results, or the checkpoint's gap.json and latent head, differ from OUT-stem.config.json. Rank 0 merges
-the parts into OUT in input order and writes OUT-stem.summary.json: accuracy +- standard error and the latency per example (mean, P50, P90). An example's
-`latency_s` is its chunk's wall time (prompt encoding, generation, decoding) divided by the chunk's size, so
-with --batch_size 1 it is the per-sample wall time of table 9. Start afresh with another --out, or delete OUT
+r, r + world, ... Each example samples (temperature > 0, noise latents) from its own generator, seeded from
+(--seed, its id), so its result depends neither on the examples decoded beside it nor on the schedule, the
+number of ranks or an interruption. Two schedules, the same results (greedy: the same tokens; sampled: the same
+draws, up to float rounding that differs between padded batches and single prompts):
+  continuous (default)  --batch_size decode rows; a row whose answer ends takes the rank's next example
+                        (latent_loop.continuous_steps), so a long answer holds one row, not a whole batch; each
+                        result is written as its example finishes. Faster on long-tailed answer lengths (README
+                        "Inference speed").
+  static                one generate call per chunk; the chunk's results are written when its longest answer ends.
+Each rank appends results to OUT-stem.rankR.jsonl (flushed and fsynced); a restart skips the ids already there
+and fails if the flags that change results (the schedule included: it changes what latency_s means), or the
+checkpoint's gap.json and latent head, differ from OUT-stem.config.json. Rank 0 merges the parts into OUT in
+input order and writes OUT-stem.summary.json: accuracy +- standard error and the latency per example (mean,
+P50, P90). An example's `latency_s`: static, its chunk's wall time (prompt encoding, generation, decoding)
+divided by the chunk's size; continuous, its own prompt encoding and text decoding plus the wall time from the
+end of the step before its prefill to the step that chose its last token (the time it held a row, without the
+wait for one; the rows share each step, so these times overlap and add up to more than the run). With
+--batch_size 1 both are the per-sample wall time of table 9. Start afresh with another --out, or delete OUT
 and the files beside it.
 """
 import dataclasses
@@ -25,6 +36,7 @@ from dataclasses import field
 import torch
 import torch.distributed as dist
 
+import latent_loop
 from answers import answers_match, extract_answer
 from common import (BadExamples, DataError, atomic_write_text, chunk_seed, file_hash, merge_parts, output_paths,
                     parse_config, rank_barrier, resume_parts, run_main, setup_distributed)
@@ -50,10 +62,15 @@ class InferConfig:
     max_new_tokens: int = field(default=1024, metadata={"help": "generated tokens per answer, latents included"})
     temperature: float = field(default=0.0, metadata={"help": "0: greedy"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per generation batch (batch mode); 1 for "
-                                                          "per-sample latency as in paper table 9"})
+    batch_size: int = field(default=8, metadata={"help": "batch mode: decode rows (continuous) or prompts per "
+                                                          "generate call (static); 1 for per-sample latency as in "
+                                                          "paper table 9"})
+    schedule: str = field(default="continuous", metadata={"help": "batch mode: continuous (a finished row takes "
+                                                                  "the next example) | static (fixed chunks); the "
+                                                                  "same results, continuous is faster on long tails",
+                                                          "choices": ["continuous", "static"]})
     seed: int = field(default=0, metadata={"help": "sampling seed (noise latents, temperature > 0); batch mode: "
-                                                    "each chunk's generator is (seed, first id)"})
+                                                    "each example's generator is (seed, its id)"})
     skip_bad: bool = field(default=False, metadata={"help": "batch mode: skip and count bad examples"})
 
 
@@ -68,8 +85,9 @@ class Runner:
         self.generator = torch.Generator(device).manual_seed(cfg.seed)
         self.stop_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
-    def answer(self, items):
-        """Responses (latent spans shown as <latent>) for a list of encode_prompt() items."""
+    def answer(self, items, generators=None):
+        """Responses (latent spans shown as <latent>) for a list of encode_prompt() items, in one generate call;
+        generators: one per item (else the runner's one)."""
         batch = collate(items, self.tokenizer.pad_token_id, left=True)
         dev = self.gap.backbone.device
         tokens = self.gap.generate(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
@@ -77,16 +95,50 @@ class Runner:
                                    max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                    top_p=self.cfg.top_p, latent_mode=self.cfg.latent_mode,
                                    norm_calib=self.cfg.norm_calib, ema_beta=self.cfg.ema_beta, stop_ids=self.stop_ids,
-                                   generator=self.generator)
+                                   generator=generators or self.generator)
         return [self.gap.decode(self.tokenizer, row) for row in tokens.cpu()]
+
+    def answer_continuous(self, items, generators=None):
+        """Yield (index, response, seconds) for each of a list of encode_prompt() items as it finishes, decoded by
+        continuous batching in --batch_size rows; generators: one per item (else the runner's one). seconds: from
+        the end of the step before its prefill to the step that chose its last token, plus decoding its text."""
+        g, cfg = self.gap, self.cfg
+        # on the CPU until a row takes them (continuous_steps moves each prompt to the device at its prefill)
+        prompts = [{k: it[k] for k in ("input_ids", "pixel_values", "image_grid_thw")} for it in items]
+        steps = latent_loop.continuous_steps(
+            g.backbone, g.head, g.latent_ids, g.latent_tokens, prompts, min(cfg.batch_size, len(items)),
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+            latent_mode=cfg.latent_mode, norm_calib=cfg.norm_calib, ema_beta=cfg.ema_beta, stop_ids=self.stop_ids,
+            generator=generators or self.generator)
+        holding, tokens, began = {}, {}, {}  # row -> its item; item -> its tokens, the time its prefill began
+
+        def finished(i, end):
+            t0 = time.perf_counter()
+            response = g.decode(self.tokenizer, torch.tensor(tokens.pop(i)))
+            return i, response, end - began.pop(i) + time.perf_counter() - t0
+
+        before = time.perf_counter()  # the end of the step before (here: before the first prefill)
+        for step, job in steps:
+            now = time.perf_counter()
+            for r, (i, t) in enumerate(zip(job.tolist(), step.token.tolist())):
+                if holding.get(r, -1) not in (-1, i):  # the row moved on: its item's last token was chosen before
+                    yield finished(holding[r], before)
+                holding[r] = i
+                if i >= 0:
+                    began.setdefault(i, before)
+                    tokens.setdefault(i, []).append(t)
+            before = now
+        for i in list(tokens):
+            yield finished(i, before)
 
     def encode(self, image, question, id="0"):
         return encode_prompt(self.tokenizer, self.image_processor, image, question, self.spec, id)
 
 
-# the flags that change results: a resumed run must use the same ones (and the same checkpoint contents)
+# the flags that change results: a resumed run must use the same ones (and the same checkpoint contents);
+# --batch_size and --schedule change only float rounding, and what latency_s means
 RESULT_KEYS = ("ckpt", "data", "latent_mode", "norm_calib", "ema_beta", "max_new_tokens", "temperature", "top_p",
-               "batch_size", "seed")
+               "batch_size", "schedule", "seed")
 
 
 def checkpoint_stamp(ckpt):
@@ -101,27 +153,66 @@ def checkpoint_stamp(ckpt):
     return h.hexdigest()[:16]
 
 
-def answer_chunk(runner: Runner, chunk, bad: BadExamples):
-    """Result lines (JSON + newline) of one chunk, in chunk order; a bad image is an error, or with skip_bad a
-    `_skipped` line that the merge counts and leaves out (so a resume does not try it again)."""
-    t0 = time.perf_counter()
-    items, lines = [], {}
-    for r in chunk:
+def example_generators(cfg: InferConfig, rows, device):
+    """One generator per example, seeded from (--seed, its id), so that what it samples depends on nothing else;
+    None when nothing is sampled (greedy, latent_mode model or zero: the loop draws nothing)."""
+    if cfg.temperature <= 0 and cfg.latent_mode != "noise":
+        return None
+    return [torch.Generator(device).manual_seed(chunk_seed(cfg.seed, r["id"])) for r in rows]
+
+
+def encode_rows(runner: Runner, rows, bad: BadExamples):
+    """(items, the rows they are of, seconds each took, `_skipped` lines): a bad image is an error, or with
+    skip_bad a `_skipped` line that the merge counts and leaves out (so a resume does not try it again)."""
+    items, kept, seconds, skipped = [], [], [], []
+    for r in rows:
+        t0 = time.perf_counter()
         try:
             items.append(encode_row(runner.tokenizer, runner.image_processor, r, runner.spec))
         except DataError as e:
             bad.add(str(e))  # raises unless --skip_bad
-            lines[r["id"]] = json.dumps({"id": r["id"], "_skipped": str(e)}) + "\n"
+            skipped.append(json.dumps({"id": r["id"], "_skipped": str(e)}) + "\n")
+            continue
+        kept.append(r)
+        seconds.append(time.perf_counter() - t0)
+    return items, kept, seconds, skipped
+
+
+def result_line(r, response, seconds):
+    pred, truth = extract_answer(response), str(r.get("answer", ""))
+    return json.dumps(dict(id=r["id"], response=response, pred=pred, answer=truth,
+                           correct=answers_match(pred, truth, r["question"]) if truth else None,
+                           latency_s=round(seconds, 6))) + "\n"
+
+
+def answer_chunk(runner: Runner, chunk, bad: BadExamples):
+    """Result lines (JSON + newline) of one chunk (static schedule), in chunk order, from one generate call."""
+    t0 = time.perf_counter()
+    items, kept, _, skipped = encode_rows(runner, chunk, bad)
+    lines = {json.loads(line)["id"]: line for line in skipped}
     if items:
-        runner.generator.manual_seed(chunk_seed(runner.cfg.seed, chunk[0]["id"]))
-        responses = runner.answer(items)
+        dev = runner.gap.backbone.device
+        responses = runner.answer(items, example_generators(runner.cfg, kept, dev))
         seconds = (time.perf_counter() - t0) / len(items)
-        for r, response in zip([r for r in chunk if r["id"] not in lines], responses):
-            pred, truth = extract_answer(response), str(r.get("answer", ""))
-            lines[r["id"]] = json.dumps(dict(id=r["id"], response=response, pred=pred, answer=truth,
-                                             correct=answers_match(pred, truth, r["question"]) if truth else None,
-                                             latency_s=round(seconds, 6))) + "\n"
+        lines.update({r["id"]: result_line(r, response, seconds) for r, response in zip(kept, responses)})
     return [lines[r["id"]] for r in chunk]
+
+
+# continuous schedule: prompts are encoded WINDOW x --batch_size at a time, so that the encoded images held at
+# once stay bounded; rows idle only at the end of each window
+WINDOW = 16
+
+
+def answer_continuous(runner: Runner, rows, bad: BadExamples):
+    """Yield the result line (JSON + newline) of each of `rows` as it finishes (continuous schedule)."""
+    size = WINDOW * runner.cfg.batch_size
+    for w in range(0, len(rows), size):
+        items, kept, encode_s, skipped = encode_rows(runner, rows[w:w + size], bad)
+        yield from skipped
+        if items:
+            generators = example_generators(runner.cfg, kept, runner.gap.backbone.device)
+            for i, response, seconds in runner.answer_continuous(items, generators):
+                yield result_line(kept[i], response, encode_s[i] + seconds)
 
 
 def percentile(xs, q):
@@ -156,12 +247,21 @@ def run_batch(cfg: InferConfig, runner: Runner, rank=0, world=1, barrier=lambda:
           f"{sum(r['id'] in done for c in chunks for r in c)} already done")
     bad = BadExamples(cfg.skip_bad)
     with open(mine, "a") as f:
-        for chunk in tqdm(todo, desc=f"infer[{cfg.latent_mode}]", unit="batch", disable=rank != 0):
-            lines = answer_chunk(runner, chunk, bad)
-            # a chunk cut by a kill is answered again whole (same generator), only its missing lines written
-            f.write("".join(line for r, line in zip(chunk, lines) if r["id"] not in done))
+        def write(text):  # whole lines, on disk before the next one starts
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+        if cfg.schedule == "static":
+            for chunk in tqdm(todo, desc=f"infer[{cfg.latent_mode}]", unit="batch", disable=rank != 0):
+                lines = answer_chunk(runner, chunk, bad)
+                # a chunk cut by a kill is answered again whole, only its missing lines written
+                write("".join(line for r, line in zip(chunk, lines) if r["id"] not in done))
+        else:
+            left = [r for c in todo for r in c if r["id"] not in done]
+            for line in tqdm(answer_continuous(runner, left, bad), desc=f"infer[{cfg.latent_mode}]",
+                             unit="example", total=len(left), disable=rank != 0):
+                write(line)
     barrier()
     if rank != 0:
         return None
@@ -175,7 +275,8 @@ def run_batch(cfg: InferConfig, runner: Runner, rank=0, world=1, barrier=lambda:
     summary = dict(ckpt=cfg.ckpt, data=cfg.data, out=out, latent_mode=cfg.latent_mode, norm_calib=cfg.norm_calib,
                    ema_beta=cfg.ema_beta,
                    n=len(scored), accuracy=acc, stderr=(acc * (1 - acc) / max(len(scored), 1)) ** 0.5,
-                   skipped=bad_lines + len(rows) - len(results), batch_size=cfg.batch_size, ranks=world,
+                   skipped=bad_lines + len(rows) - len(results), batch_size=cfg.batch_size, schedule=cfg.schedule,
+                   ranks=world,
                    latency_s=dict(mean=sum(latency) / max(len(latency), 1), p50=percentile(latency, 0.5),
                                   p90=percentile(latency, 0.9)))
     atomic_write_text(output_paths(out)[2], json.dumps(summary, indent=2) + "\n")

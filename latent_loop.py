@@ -28,6 +28,11 @@ Continuous batching (`continuous_steps`, `generate_continuous`): the same steps 
 fixed number of rows; a row that finishes takes the next prompt (prefilled alone into that row of the cache)
 while the others go on, so a long answer no longer holds a whole batch. Each prompt gets what latent_steps
 gives it alone. `compile_step=True` runs the decoder step through torch.compile (README "Inference speed").
+
+Sampling (temperature > 0, noise latents) draws from `generator`: one torch.Generator shared by all rows (the
+draws of a row then depend on what the other rows do), or a list with one generator per row (latent_steps) or
+per prompt-sample (continuous_steps), each row drawing from its own only; then a row's sampled tokens do not
+depend on the batch it is in, and static and continuous batching sample the same answers.
 """
 from dataclasses import dataclass
 
@@ -101,12 +106,15 @@ def latent_steps(model, head, latent_ids, latent_tokens, input_ids, attention_ma
     latent_ids: {start, pad, end}; latent_tokens: K (0: no spans, <|latent_start|> banned).
     latent_mode: model | zero (<|latent_start|> banned) | noise (head.noise(n): Gaussian PCA coefficients).
     norm_calib: none | ema (each latent rescaled to ema_norm(query-image embedding norms, ema_beta) of its row).
+    generator: one torch.Generator, or a list of one per row (module docstring, "Sampling").
     compile_step: the decoder step through torch.compile (README "Inference speed" says where it is faster)."""
     check_modes(latent_mode, norm_calib)
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded (the last column real in every row): with right padding a "
                          "row's next token would follow its padding")
     n_rows = input_ids.shape[0] * num_samples  # row b*N + j is sample j of prompt b
+    if isinstance(generator, (list, tuple)) and len(generator) != n_rows:
+        raise ValueError(f"{len(generator)} generators for {n_rows} rows: give one per row, or one shared")
     slots = KVSlots(model, n_rows, input_ids.shape[1] + max_new_tokens, static=compile_step)
     # 1. prefill, each prompt once (its cache written into its N rows)
     h_last, next_pos, n_ema = prefill(model, slots, slots.row, input_ids, attention_mask, pixel_values,
@@ -170,7 +178,7 @@ def choose(model, rules, h_last, slot, done, temperature, top_p, generator):
         token = torch.where(in_span, rules.pad, rules.end)  # (R,): pad in a span, end closing it, DONE below
         if bool(text.any()):
             some = model.lm_head(h_last[text]).float().index_fill_(1, rules.banned, float("-inf"))
-            logits[text], token[text] = some, sample(some, temperature, top_p, generator)
+            logits[text], token[text] = some, sample(some, temperature, top_p, rows_of(generator, text))
     token = torch.where(done, DONE, token)
     return token, logits, in_span, closing, done | (text & torch.isin(token, rules.stop))
 
@@ -183,11 +191,19 @@ def feed(model, head, token, h_last, in_span, latent_mode, n_ema, generator):
         return (calibrate(v, n_ema) if n_ema is not None else v).to(embedding.weight.dtype)
     fed = embedding(token.clamp(min=0))  # (R, D)
     if bool(in_span.any()):
-        v = latent_vectors(head, h_last[in_span], latent_mode, generator)
+        v = latent_vectors(head, h_last[in_span], latent_mode, rows_of(generator, in_span))
         if n_ema is not None:
             v = calibrate(v, n_ema[in_span])
         fed[in_span] = v.to(fed.dtype)
     return fed
+
+
+def rows_of(generator, rows):
+    """The generator of the rows selected by `rows` (R,) bool: a shared one as it is; from a list of one per
+    row, the selected rows' own, in order."""
+    if not isinstance(generator, (list, tuple)):
+        return generator
+    return [generator[r] for r in rows.nonzero()[:, 0].tolist()]
 
 
 def next_slot(rules, slot, token, in_span, closing):
@@ -236,6 +252,15 @@ class KVSlots:
         k_all[self.row, :, self.length] = keys[:, :, 0]  # (R, H, hd): one column per row, each at its own length
         v_all[self.row, :, self.length] = values[:, :, 0]
         return k_all[:, :, :self.used], v_all[:, :, :self.used]
+
+    def copy_prompt(self, src, dst, T):
+        """Row dst takes row src's first T columns (a prompt prefilled once, decoded in several rows)."""
+        for k_all, v_all in self.layers.values():
+            k_all[dst, :, :T], v_all[dst, :, :T] = k_all[src, :, :T], v_all[src, :, :T]
+        valid = self.valid[src, :T].clone()  # src may be dst
+        self.valid[dst] = False
+        self.valid[dst, :T] = valid
+        self.length[dst] = T
 
     def get_seq_length(self, layer_idx=0):
         return self.used
@@ -319,16 +344,22 @@ def step_function(compile_step, device):
 
 @torch.no_grad()
 def continuous_steps(model, head, latent_ids, latent_tokens, prompts, rows, *, max_new_tokens=512, temperature=0.0,
-                     top_p=1.0, latent_mode="model", norm_calib="none", ema_beta=0.0, stop_ids=(), generator=None,
-                     compile_step=False):
+                     top_p=1.0, latent_mode="model", norm_calib="none", ema_beta=0.0, num_samples=1, stop_ids=(),
+                     generator=None, compile_step=False):
     """latent_steps over a list of prompts with `rows` decode rows: when a row finishes (a stop id, or its
-    max_new_tokens), it takes the next prompt -- prefilled alone and written into that row of the cache --
-    while the other rows go on decoding, so no row idles until the longest one of a batch ends. A prompt is a
+    max_new_tokens), it takes the next job -- its prompt prefilled alone and written into that row of the cache
+    -- while the other rows go on decoding, so no row idles until the longest one of a batch ends. A prompt is a
     dict with input_ids (T,), pixel_values and image_grid_thw (None without an image) and optionally its own
-    max_new_tokens. Yields (Step, prompt) per step, prompt (R,) the index of the prompt each row works on (-1:
-    idle, the prompts are used up). Each prompt gets the tokens and logits of latent_steps on it alone (with
-    sampling, other draws from the generator)."""
+    max_new_tokens. With num_samples = N each prompt is N jobs (job i*N + j is sample j of prompt i, as the
+    rows of latent_steps), prefilled once: the row of sample j > 0 copies the prompt's columns from the row
+    that took sample j - 1 (which holds them until it takes a job of another prompt, i.e. after the last
+    sample has started). Yields (Step, job) per step, job (R,) the job each row works on (-1: idle, the jobs
+    are used up). Each job gets the tokens and logits of latent_steps on its prompt alone; its draws come from
+    `generator`: shared (then they depend on the schedule), or a list of one per job (then they do not)."""
     check_modes(latent_mode, norm_calib)
+    n_jobs = len(prompts) * num_samples
+    if isinstance(generator, (list, tuple)) and len(generator) != n_jobs:
+        raise ValueError(f"{len(generator)} generators for {n_jobs} jobs: give one per job, or one shared")
     K, start = latent_tokens, latent_ids["start"]
     limits = [p.get("max_new_tokens", max_new_tokens) for p in prompts]
     slots = KVSlots(model, rows, max(len(p["input_ids"]) + n for p, n in zip(prompts, limits)), static=compile_step)
@@ -338,45 +369,58 @@ def continuous_steps(model, head, latent_ids, latent_tokens, prompts, rows, *, m
     h_last = torch.zeros(rows, hidden, dtype=slots.dtype, device=dev)  # (R, D) state of each row's last position
     next_pos, slot = torch.zeros(rows, dtype=torch.long, device=dev), torch.full((rows,), TEXT, device=dev)
     n_ema = torch.ones(rows, device=dev) if norm_calib == "ema" else None
-    prompt, budget = torch.full((rows,), -1, device=dev), torch.zeros(rows, dtype=torch.long, device=dev)
+    job, budget = torch.full((rows,), -1, device=dev), torch.zeros(rows, dtype=torch.long, device=dev)
     done = torch.ones(rows, dtype=torch.bool, device=dev)  # an idle row counts as done
-    queue = iter(range(len(prompts)))
+    row_generator = [None] * rows if isinstance(generator, (list, tuple)) else generator
+    queue = iter(range(n_jobs))
+    last = {}  # the latest prefill: its row, length, last state, next position, image norm
 
     def refill(r):
-        """Row r takes the next prompt (prefill it, write its cache row), or goes idle."""
-        i = next(queue, -1)
-        prompt[r], done[r] = i, i < 0
-        if i < 0:
+        """Row r takes the next job (prefill its prompt, or copy it from the row of the previous sample), or goes
+        idle."""
+        n = next(queue, -1)
+        job[r], done[r] = n, n < 0
+        if n < 0:
             return
+        i = n // num_samples
         p = prompts[i]
         ids = p["input_ids"].to(dev)[None]  # (1, T): one prompt, no padding
-        pv, grid = (p[k].to(dev) if p.get(k) is not None else None for k in ("pixel_values", "image_grid_thw"))
-        h, pos, ema = prefill(model, slots, slots.row[r:r + 1], ids, torch.ones_like(ids), pv, grid,
-                              latent_ids["pad"], ema_beta if n_ema is not None else None)
-        h_last[r], next_pos[r], budget[r] = h[0], pos[0], limits[i]
+        if n % num_samples == 0:
+            pv, grid = (p[k].to(dev) if p.get(k) is not None else None for k in ("pixel_values", "image_grid_thw"))
+            h, pos, ema = prefill(model, slots, slots.row[r:r + 1], ids, torch.ones_like(ids), pv, grid,
+                                  latent_ids["pad"], ema_beta if n_ema is not None else None)
+            last.update(h=h[0], pos=pos[0], ema=None if ema is None else ema[0])
+        else:
+            slots.copy_prompt(last["row"], r, ids.shape[1])
+        last["row"] = r
+        h_last[r], next_pos[r], budget[r] = last["h"], last["pos"], limits[i]
         slot[r] = 0 if int(ids[0, -1]) == start else TEXT  # a prompt may end inside a span
         if n_ema is not None:
-            n_ema[r] = ema[0]
+            n_ema[r] = last["ema"]
+        if row_generator is not generator:
+            row_generator[r] = generator[n]
 
     for r in range(rows):
         refill(r)
-    while bool((prompt >= 0).any()):
-        token, logits, in_span, closing, done = choose(model, rules, h_last, slot, done, temperature, top_p, generator)
+    while bool((job >= 0).any()):
+        token, logits, in_span, closing, done = choose(model, rules, h_last, slot, done, temperature, top_p,
+                                                       row_generator)
         budget -= 1
-        fed = feed(model, head, token, h_last, in_span, latent_mode, n_ema, generator)
+        fed = feed(model, head, token, h_last, in_span, latent_mode, n_ema, row_generator)
         position = next_pos.expand(3, rows)  # (3, R)
-        yield Step(token, logits, slot, fed, position), prompt.clone()
+        yield Step(token, logits, slot, fed, position), job.clone()
         slot, next_pos = next_slot(rules, slot, token, in_span, closing), next_pos + 1
-        finished = (prompt >= 0) & (done | (budget == 0))
+        finished = (job >= 0) & (done | (budget == 0))
         for r in finished.nonzero()[:, 0].tolist():
             refill(r)
-        active = (prompt >= 0) & ~finished  # refilled rows already hold their prompt's last state
+        active = (job >= 0) & ~finished  # refilled rows already hold their prompt's last state
         h_last = torch.where(active[:, None], step_fn(model, slots, fed, position, active), h_last)
 
 
 def generate_continuous(*args, **kwargs):
-    """Yield (i, tokens) for each prompt of continuous_steps(*args, **kwargs) as it finishes: prompts[i]'s new
-    tokens (S_i,), through its stop id; the same as its row of generate() up to the first DONE."""
+    """Yield (i, tokens) for each job of continuous_steps(*args, **kwargs) as it finishes: job i's new tokens
+    (S_i,), through its stop id (job i is prompts[i], or with num_samples = N sample i % N of prompts[i // N]);
+    the same as row i of generate() up to the first DONE."""
     current = {}  # row -> (prompt index, its tokens so far)
     for step, prompt in continuous_steps(*args, **kwargs):
         for r, (i, t) in enumerate(zip(prompt.tolist(), step.token.tolist())):
@@ -396,6 +440,8 @@ def latent_vectors(head, h_bar, latent_mode, generator=None):
     if latent_mode == "noise":
         if not hasattr(head, "noise"):
             raise ValueError("latent_mode=noise needs a head with noise(n, generator) (a PCA basis)")
+        if isinstance(generator, (list, tuple)):  # one per row: each row's latent from its own generator
+            return torch.cat([head.noise(1, generator=g) for g in generator]).to(h_bar.device)
         return head.noise(h_bar.shape[0], generator=generator).to(h_bar.device)
     return head(h_bar)
 
@@ -409,7 +455,8 @@ def image_norm(embeds, image_mask, beta=0.0):
 
 
 def sample(logits, temperature, top_p, generator=None):
-    """Greedy when temperature == 0, else temperature + nucleus (top-p) sampling. logits (R, V) fp32."""
+    """Greedy when temperature == 0, else temperature + nucleus (top-p) sampling. logits (R, V) fp32; generator
+    one shared, or a list of one per row."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -417,6 +464,8 @@ def sample(logits, temperature, top_p, generator=None):
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p * keep)
+    if isinstance(generator, (list, tuple)):  # one per row: each row's draw from its own generator
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 

@@ -1,5 +1,5 @@
 """Tests of bench.py: its 7b shapes are Qwen2.5-VL-7B's, its FLOP formula (the numerator of MFU) equals an
-independent count of a real training pass, and --mode sample runs. Tiny random models built here, no download.
+independent count of a real training pass, and --mode sample and --mode eval run. Tiny random models built here, no download.
 
     python -m pytest -q test_bench.py
 """
@@ -127,3 +127,22 @@ def test_smoke_mode_runs_every_path_under_torchrun():
                                                   ("FSDP2", "padded")]
     if not torch.cuda.is_available():
         assert "note: flash_attention_2 skipped" in p.stdout
+
+
+def test_eval_mode_schedules_agree():
+    """bench.py --mode eval at toy sizes: infer.py's batch mode and difficulty.py with either schedule write the same
+    results (sampled, one generator per example or sample), and the answers end at uneven lengths (continuous
+    rows are refilled)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on a busy 2-core machine spin against the other processes
+    try:
+        rows = bench.main(bench.BenchConfig(mode="eval", eval_prompts=6, max_new_tokens=80, rows=4, samples=2,
+                                            latent_tokens=4))
+    finally:
+        torch.set_num_threads(threads)
+    by = {r["name"]: r for r in rows}
+    ratio = by["infer.py --data samples/s, continuous / static"]
+    assert ratio["identical_outputs"] and ratio["examples"] == 6
+    assert ratio["min_tokens"] < ratio["max_tokens"] == 80, "some answers must stop early, some run to the budget"
+    assert by["difficulty.py samples/s, continuous / static"]["identical_outputs"]
+    assert all(r["value"] > 0 for r in rows)

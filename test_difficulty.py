@@ -24,7 +24,8 @@ from tiny import build_tiny, write_sample_data
 # the scorer: N samples of the base model per example
 
 N = 8
-# long enough answers that a kill lands mid-run; chunks of 3 so that 8 examples make uneven chunks
+# long enough answers that a kill lands mid-run; chunks of 3 so that 8 examples make uneven chunks; the default
+# (continuous) schedule, where a sample that stops early (p ~ 2/600 per step) hands its row to the next one
 SLOW = ["--samples", str(N), "--batch_size", "3", "--max_new_tokens", "128", "--temperature", "1.0"]
 
 
@@ -153,17 +154,23 @@ def test_cli_scores_every_example_in_input_order(tiny, tmp_path):
         assert json.load(f) == summary
 
 
-def test_kill_and_resume_equals_uninterrupted(tiny, reference, tmp_path):
-    """SIGKILL a run after its first chunk is written, tear its last line as a kill mid-write would, restart:
-    the restart skips the done ids and the output is byte-identical to the uninterrupted run's."""
+@pytest.mark.parametrize("schedule", ["continuous", "static"])
+def test_kill_and_resume_equals_uninterrupted(tiny, reference, tmp_path, schedule):
+    """SIGKILL a run after its first result is written (continuous: one example; static: a chunk), keep its first
+    line and a torn second, as a kill mid-write would leave them, restart: the restart skips the done id and the
+    output is byte-identical to the uninterrupted run's, made with the continuous schedule whichever schedule
+    this run uses (each sample draws from its own generator)."""
     out = tmp_path / "scored.jsonl"
     part = tmp_path / "scored.rank0.jsonl"
-    n_done = kill_after_first_result(cli(tiny, out, *SLOW), part)
+    flags = [*SLOW, "--schedule", schedule]
+    n_done = kill_after_first_result(cli(tiny, out, *flags), part)
     assert 1 <= n_done < 8 and not out.exists()
-    with open(part, "a") as f:
-        f.write('{"id": "s7", "image": "img/q7.p')  # torn mid-line
-    resumed = run([sys.executable, *cli(tiny, out, *SLOW)])
-    assert f"8 examples, {n_done} already done" in resumed.stdout
+    # as if killed after the first line, mid-way through the second: the rest of its chunk is not done
+    part.write_text(part.read_text().splitlines(keepends=True)[0] + '{"id": "s7", "image": "img/q7.p')
+    resumed = run([sys.executable, *cli(tiny, out, *flags)])
+    assert "8 examples, 1 already done" in resumed.stdout
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["schedule"] == schedule
     assert out.read_bytes() == reference.read_bytes()
     ids = [r["id"] for r in read_lines(part)]
     assert len(ids) == len(set(ids)) == 8

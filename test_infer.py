@@ -1,5 +1,6 @@
-"""Tests of infer.py's batch mode on a tiny random GAP checkpoint (no download): two torchrun ranks against one
-process, a real kill and resume, flags a resume must keep, and the latency summary. (Single-image mode and the
+"""Tests of infer.py's batch mode on a tiny random GAP checkpoint (no download): the continuous schedule against
+the static one, two torchrun ranks against one process, a real kill and resume, flags a resume must keep, and the
+latency summary. (Single-image mode and the
 train -> infer round trip: test_gap.py; the harness adapters: test_harness.py.)
 
     python -m pytest -q test_infer.py
@@ -13,8 +14,8 @@ import pytest
 from conftest import kill_after_first_result, make_gap, run
 from model import save_checkpoint
 
-# sampled (so the per-chunk generators matter), long enough that a kill lands mid-run, chunks of 5 so that the
-# 12 examples make uneven chunks and two ranks get different numbers of them
+# sampled (so the per-example generators matter), long enough that a kill lands mid-run, chunks of 5 so that the
+# 12 examples make uneven chunks and two ranks get different numbers of them; the default (continuous) schedule
 SLOW = ["--batch_size", "5", "--max_new_tokens", "96", "--temperature", "1.0", "--latent_mode", "noise"]
 
 
@@ -48,6 +49,52 @@ def reference(ckpt, world, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def stopping_ckpt(world, tmp_path_factory):
+    """The checkpoint with <|im_end|>'s LM-head row a hair above that of a token the random model emits greedily at
+    uneven steps (test_loop.py's STOP): greedy answers end at different lengths, so continuous rows are refilled."""
+    import torch
+    path = str(tmp_path_factory.mktemp("stopping") / "gap")
+    gap, tokenizer, image_processor = make_gap(world)
+    with torch.no_grad():
+        w = gap.backbone.lm_head.weight
+        w[tokenizer.convert_tokens_to_ids("<|im_end|>")] = 1.001 * w[400]
+    save_checkpoint(gap, tokenizer, image_processor, path, {}, basis=world["basis"])
+    return path
+
+
+@pytest.mark.parametrize("flags", [["--max_new_tokens", "40"],
+                                   ["--max_new_tokens", "24", "--temperature", "1.0", "--latent_mode", "noise"]],
+                         ids=["greedy", "sampled"])
+def test_continuous_schedule_equals_static(stopping_ckpt, world, tmp_path, flags):
+    """The continuous schedule (3 rows) writes the results of the static one (chunks of 3), latency aside: greedy
+    answers of uneven lengths (rows refilled at different steps), and sampling with noise latents (one generator
+    per example). Static latency is one value per chunk; continuous latency is each example's own. The schedule
+    changes what latency_s means, so parts of one schedule are not resumed by the other."""
+    from common import parse_config
+    from infer import InferConfig, Runner, run_batch
+    results = {}
+
+    def argv(schedule, out):
+        return ["--ckpt", stopping_ckpt, "--data", world["data"], "--out", str(tmp_path / f"{out}.jsonl"),
+                "--batch_size", "3", "--schedule", schedule, *flags]
+    for schedule in ("static", "continuous"):
+        cfg = parse_config(InferConfig, argv(schedule, schedule))
+        runner = Runner(cfg)
+        summary = run_batch(cfg, runner)
+        results[schedule] = read_lines(tmp_path / f"{schedule}.jsonl")
+        assert summary["schedule"] == schedule and summary["n"] == 12
+    with pytest.raises(ValueError, match="other flags.*'schedule': \\('continuous', 'static'\\)"):
+        run_batch(parse_config(InferConfig, argv("static", "continuous")), runner)
+    assert without_latency(results["continuous"]) == without_latency(results["static"])
+    if "--temperature" not in flags:
+        lengths = [len(r["response"]) for r in results["static"]]
+        assert len(set(lengths)) >= 5 and max(lengths) > 2 * min(lengths), lengths
+    static = [r["latency_s"] for r in results["static"]]
+    assert all(len(set(static[i:i + 3])) == 1 for i in range(0, 12, 3)) and len(set(static)) == 4
+    assert all(r["latency_s"] > 0 for r in results["continuous"])
+
+
 def test_results_in_input_order_with_summary(world, reference):
     """Every example once, in input order, scored by the answers.py matcher; the summary's latency mean, P50
     and P90 are those of the per-example latency_s (numpy's percentiles) and its accuracy that of the lines."""
@@ -60,7 +107,7 @@ def test_results_in_input_order_with_summary(world, reference):
                                                 for r, x in zip(results, rows)]
     summary = json.load(open(str(reference).replace(".jsonl", ".summary.json")))
     lat = np.array([r["latency_s"] for r in results])
-    assert (lat > 0).all() and len(set(lat.tolist())) == 3  # one time per chunk of 5: chunks 5, 5 and 2
+    assert (lat > 0).all() and len(set(lat.tolist())) > 3  # continuous: each example its own time
     assert summary["latency_s"] == pytest.approx(dict(mean=lat.mean(), p50=np.percentile(lat, 50),
                                                       p90=np.percentile(lat, 90)), rel=1e-9)
     assert summary["n"] == 12 and summary["accuracy"] == pytest.approx(np.mean([r["correct"] for r in results]))
@@ -83,16 +130,17 @@ def test_torchrun_two_ranks_equal_one_process(ckpt, world, reference, tmp_path):
 
 
 def test_kill_and_resume_equals_uninterrupted(ckpt, world, reference, tmp_path):
-    """SIGKILL a run after its first chunk is written, tear its last line as a kill mid-write would, restart:
-    the restart skips the done ids and the results equal the uninterrupted run's (latency aside)."""
+    """SIGKILL a run after its first result is written (continuous: each example as it ends), keep its first line
+    and a torn second, as a kill mid-write would leave them, restart: the restart skips the done id and the
+    results equal the uninterrupted run's (latency aside)."""
     out = tmp_path / "results.jsonl"
     part = tmp_path / "results.rank0.jsonl"
     n_done = kill_after_first_result(cli(ckpt, world["data"], out, *SLOW), part)
     assert 1 <= n_done < 12 and not out.exists()
-    with open(part, "a") as f:
-        f.write('{"id": "s11", "response": "<think>')  # torn mid-line
+    # as if killed after the first line, mid-way through the second: the rest of its chunk is not done
+    part.write_text(part.read_text().splitlines(keepends=True)[0] + '{"id": "s11", "response": "<think>')
     resumed = run(cli(ckpt, world["data"], out, *SLOW))
-    assert f"12 examples, {n_done} already done" in resumed.stdout
+    assert "12 examples, 1 already done" in resumed.stdout
     assert without_latency(read_lines(out)) == without_latency(read_lines(reference))
     ids = [r["id"] for r in read_lines(part)]
     assert len(ids) == len(set(ids)) == 12

@@ -150,3 +150,32 @@ def test_bench_infer_mode_runs():
     assert all(r["value"] > 0 for r in rows)
     mix = by["eval samples/s, continuous / static"]
     assert mix["identical_outputs"] and mix["max_new"] > mix["median_new"]
+
+
+def test_per_row_generators_sample_the_same_in_any_schedule(gap, mix):
+    """With one generator per row (static) or per job (continuous), sampling with noise latents gives every
+    sample the same tokens in one static batch (2 samples per prompt, a shared prefill) and in 5 continuous rows
+    (each prompt prefilled once, its second sample's row copying the prompt from the first's), cut at each
+    prompt's own max_new_tokens; the two samples of a prompt differ."""
+    g = gap[0]
+    b = mix["batch"]
+    seeds = range(2 * len(QUESTIONS))  # job / row i*2 + j: sample j of prompt i
+    kw = dict(temperature=1.0, latent_mode="noise", num_samples=2, stop_ids=[STOP])
+    static = latent_loop.generate(*loop_args(g), b["input_ids"], b["attention_mask"], b["pixel_values"],
+                                  b["image_grid_thw"], max_new_tokens=max(LIMITS),
+                                  generator=[torch.Generator().manual_seed(s) for s in seeds], **kw)
+    rows_of = {}
+    out = {}
+    for step, job in latent_loop.continuous_steps(*loop_args(g), mix["items"], 5,
+                                                  generator=[torch.Generator().manual_seed(s) for s in seeds], **kw):
+        for r, i in enumerate(job.tolist()):
+            if i >= 0:
+                out.setdefault(i, []).append(int(step.token[r]))
+                rows_of.setdefault(i, r)
+    assert sorted(out) == list(seeds)
+    assert any(rows_of[i] != rows_of[i - 1] for i in range(3, len(seeds), 2)), "no refill copied a prompt"
+    for i, tokens in out.items():
+        assert tokens == static[i, :len(tokens)].tolist(), f"job {i}"
+        assert len(tokens) == LIMITS[i // 2] or tokens[-1] == STOP
+    for i in range(len(QUESTIONS)):
+        assert out[2 * i] != out[2 * i + 1], f"the samples of prompt {i} are the same"
