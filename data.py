@@ -3,7 +3,8 @@ serialization (<|latent_start|> + K x <|latent_pad|> + <|latent_end|>), label ma
 stripping, batch collation, and the offline auxiliary-image target cache (paper 4.1, 4.3, appendix F, I).
 
 One JSONL line per example (paths relative to the JSONL file):
-    {"id", "image", "question", "response" (with one "<latent>" placeholder), "aux_image", "answer", "accuracy"}
+    {"id", "image", "question", "response" (with any number of "<latent>" placeholders), "aux_image" (one path for
+     every span, or a list with one path per placeholder, in order), "answer", "accuracy"}
 
 Extract the latent targets once, with the frozen vision tower of the *base* model:
     python data.py --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl --latent_tokens 36 --cache_dir cache
@@ -30,7 +31,7 @@ SYSTEM = "You are a helpful assistant."
 # reading and checking the JSONL
 
 REQUIRED = {"id": (str, int), "image": (str,), "question": (str,), "response": (str,)}
-OPTIONAL = {"aux_image": (str,), "answer": (str, int, float), "accuracy": (int, float)}
+OPTIONAL = {"aux_image": (str, list), "answer": (str, int, float), "accuracy": (int, float)}
 
 
 def read_jsonl(path, skip_bad=False, need_response=True, need_answer=False):
@@ -74,10 +75,15 @@ def check_row(path, line_no, line, seen, need_response=True, need_answer=False):
         raise DataError(path, line_no, "id", f"duplicate id {row['id']!r} (first on line {seen[row['id']]})")
     seen[row["id"]] = line_no
     n_placeholders = row.get("response", "").count(PLACEHOLDER)
-    if n_placeholders > 1:
-        raise DataError(path, line_no, "response", f"{n_placeholders} '{PLACEHOLDER}' placeholders; GAP has one")
     if n_placeholders and "aux_image" not in row:
         raise DataError(path, line_no, "aux_image", f"missing, but the response has a '{PLACEHOLDER}' placeholder")
+    aux = row.get("aux_image")
+    if isinstance(aux, list):
+        if not all(isinstance(a, str) for a in aux):
+            raise DataError(path, line_no, "aux_image", "a list must hold image paths (strings)")
+        if "response" in row and len(aux) != n_placeholders:
+            raise DataError(path, line_no, "aux_image", f"{len(aux)} images for {n_placeholders} '{PLACEHOLDER}' "
+                                                        f"placeholders (give one per placeholder, or one string)")
     row["_line"], row["_file"], row["_raw"] = line_no, path, raw
     return row
 
@@ -88,6 +94,15 @@ def resolve(row, key):
     if not os.path.exists(path):
         raise DataError(row["_file"], row["_line"], key, f"image file not found: {path}")
     return path
+
+
+def aux_images(row):
+    """The auxiliary image of each latent span of a row, in order: `aux_image` is one path for every span or a
+    list with one per span. Errors name the list entry (field 'aux_image[i]')."""
+    n, aux = row["response"].count(PLACEHOLDER), row["aux_image"]
+    if isinstance(aux, str):
+        return [open_image(row, "aux_image")] * n
+    return [open_image(dict(row, **{f"aux_image[{i}]": a}), f"aux_image[{i}]") for i, a in enumerate(aux)]
 
 
 def open_image(row, key):
@@ -124,18 +139,23 @@ def n_image_tokens(image_grid_thw, merge_size=2):
 
 
 def response_ids(tokenizer, response, latent_ids, latent_tokens, keep_latent):
-    """Token ids and labels of the assistant response. The placeholder becomes <|latent_start|> K x
-    <|latent_pad|> <|latent_end|> when keep_latent, else it is removed (text-only / K=0: the parser text
-    stays). Labels: every response token and <|im_end|>, except <|latent_pad|> and <|latent_end|>, which the
+    """Token ids and labels of the assistant response. Each placeholder becomes <|latent_start|> K x
+    <|latent_pad|> <|latent_end|> when keep_latent, else every one is removed (text-only / K=0: the parser
+    text stays). Labels: every response token and <|im_end|>, except <|latent_pad|> and <|latent_end|>, which the
     loop writes rather than samples; <|latent_start|> IS a target (the model decides when to enter)."""
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    before, _, after = response.partition(PLACEHOLDER)
-    if PLACEHOLDER in response and keep_latent and latent_tokens > 0:
+    parts = response.split(PLACEHOLDER)  # text before, between and after the spans
+    if len(parts) > 1 and keep_latent and latent_tokens > 0:
         span = [latent_ids["start"]] + [latent_ids["pad"]] * latent_tokens + [latent_ids["end"]]
-        ids = enc(before) + span + enc(after) + [end_of_turn]
-    else:
-        ids = enc(" ".join(p for p in (before.rstrip(" "), after.lstrip(" ")) if p)) + [end_of_turn]
+        ids = enc(parts[0])
+        for part in parts[1:]:
+            ids += span + enc(part)
+        ids += [end_of_turn]
+    else:  # the spaces around each placeholder become one
+        trimmed = [p.rstrip(" ") if i == 0 else p.lstrip(" ") if i == len(parts) - 1 else p.strip(" ")
+                   for i, p in enumerate(parts)]
+        ids = enc(" ".join(p for p in trimmed if p)) + [end_of_turn]
     labels = [IGNORE if t in (latent_ids["pad"], latent_ids["end"]) else t for t in ids]
     return ids, labels
 
@@ -144,7 +164,8 @@ def response_ids(tokenizer, response, latent_ids, latent_tokens, keep_latent):
 # the training data set
 
 class TargetCache:
-    """Auxiliary-image latent targets on disk: DIR/K{K}/shard_*.safetensors, one (K, d) tensor per example id."""
+    """Auxiliary-image latent targets on disk: DIR/K{K}/shard_*.safetensors, one (S*K, d) tensor per example id
+    (S spans, in order)."""
 
     def __init__(self, cache_dir, latent_tokens):
         from safetensors import safe_open
@@ -230,9 +251,11 @@ class GAPDataset(torch.utils.data.Dataset):
                 targets = self.targets.get(row["id"])
             except KeyError as e:
                 raise DataError(row["_file"], row["_line"], "aux_image", str(e)) from None
-            if targets.shape[0] != spec.latent_tokens:
+            n_spans = row["response"].count(PLACEHOLDER)
+            if targets.shape[0] != n_spans * spec.latent_tokens:
                 raise DataError(row["_file"], row["_line"], "aux_image",
-                                f"cached target has {targets.shape[0]} latent vectors but K={spec.latent_tokens}")
+                                f"cached target has {targets.shape[0]} latent vectors but K={spec.latent_tokens}"
+                                + ("" if n_spans == 1 else f" x {n_spans} spans"))
         return dict(id=row["id"], input_ids=torch.tensor(input_ids), labels=torch.tensor(labels),
                     pixel_values=pixel_values, image_grid_thw=grid, latent_targets=targets)
 
@@ -366,11 +389,12 @@ def extract_targets(cfg: TargetsConfig, backbone=None, image_processor=None):
         batch, images = [], []
         for r in todo[i:i + cfg.batch_size]:
             with bad.guard():
-                images.append(open_image(r, "aux_image"))
+                images.append(aux_images(r))
                 batch.append(r)
         if batch:
-            feats = aux_targets(backbone, image_processor, images, cfg.latent_tokens).cpu()
-            shard.update({r["id"]: f.contiguous() for r, f in zip(batch, feats)})
+            feats = aux_targets(backbone, image_processor, [im for ims in images for im in ims], cfg.latent_tokens)
+            per_row = torch.split(feats.cpu().flatten(0, 1), [len(ims) * cfg.latent_tokens for ims in images])
+            shard.update({r["id"]: f.contiguous() for r, f in zip(batch, per_row)})  # (S*K, d), spans in order
             extracted += len(batch)
         if len(shard) >= cfg.shard_size or (i + cfg.batch_size >= len(todo) and shard):
             path = os.path.join(cache.dir, f"shard_{shard_no:05d}.safetensors")
