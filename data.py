@@ -196,6 +196,7 @@ class DataSpec:
     max_len: int = 8192
     image_min_pixels: int = 0
     image_max_pixels: int = 0
+    latent_targets: bool = True  # False: the latent slots get no aux-image targets (VaLR feeds pad / its own)
 
 
 class GAPDataset(torch.utils.data.Dataset):
@@ -210,7 +211,8 @@ class GAPDataset(torch.utils.data.Dataset):
         self.tokenizer, self.image_processor, self.latent_ids, self.spec = tokenizer, image_processor, latent_ids, spec
         self.targets = target_cache
         self.merge = 2
-        if spec.latent_tokens and any(self.keeps_latent(r) for r in self.rows) and target_cache is None:
+        if (spec.latent_tokens and spec.latent_targets and any(self.keeps_latent(r) for r in self.rows)
+                and target_cache is None):
             raise ValueError(f"{path}: examples keep latent spans (K={spec.latent_tokens}) but no target cache given")
 
     def __len__(self):
@@ -246,7 +248,7 @@ class GAPDataset(torch.utils.data.Dataset):
             raise DataError(row["_file"], row["_line"], "response",
                             f"sequence of {len(input_ids)} tokens exceeds max_len={spec.max_len}")
         targets = None
-        if keep:
+        if keep and spec.latent_targets:
             try:
                 targets = self.targets.get(row["id"])
             except KeyError as e:
@@ -274,11 +276,20 @@ def collate(items, pad_id, left=False):
         input_ids[b, cols], attention_mask[b, cols] = it["input_ids"], 1
         if "labels" in it:
             labels[b, cols] = it["labels"]
-    targets = [it["latent_targets"] for it in items if it.get("latent_targets") is not None]
     return dict(ids=[it["id"] for it in items], input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                 pixel_values=torch.cat([it["pixel_values"] for it in items]),
-                image_grid_thw=torch.cat([it["image_grid_thw"] for it in items]),
-                latent_targets=torch.cat(targets) if targets else None)
+                image_grid_thw=torch.cat([it["image_grid_thw"] for it in items]), **slot_targets(items))
+
+
+def slot_targets(items):
+    """latent_targets (and align_targets, when the items carry them) of a batch: the items' tensors one after
+    the other, in row-major slot order; None where no item has any."""
+    out = {}
+    for key in ("latent_targets", "align_targets"):
+        if key == "latent_targets" or any(key in it for it in items):
+            parts = [it[key] for it in items if it.get(key) is not None]
+            out[key] = torch.cat(parts) if parts else None
+    return out
 
 
 def pack(items, budget):
@@ -306,12 +317,10 @@ def collate_packed(items):
         lab = it["labels"].clone()
         lab[0] = IGNORE
         labels.append(lab)
-    targets = [it["latent_targets"] for it in items if it.get("latent_targets") is not None]
     return dict(ids=[it["id"] for it in items], input_ids=torch.cat([it["input_ids"] for it in items])[None],
                 attention_mask=None, labels=torch.cat(labels)[None], seq_lens=[len(it["input_ids"]) for it in items],
                 pixel_values=torch.cat([it["pixel_values"] for it in items]),
-                image_grid_thw=torch.cat([it["image_grid_thw"] for it in items]),
-                latent_targets=torch.cat(targets) if targets else None)
+                image_grid_thw=torch.cat([it["image_grid_thw"] for it in items]), **slot_targets(items))
 
 
 class StepCollate:
