@@ -106,6 +106,9 @@ def test_repa_loss_equals_an_independent_computation(world, enc, text):
     caches = align.open_caches(enc["cache"], enc["encoders"], K)
     widths = {n: w for n, (_, w) in caches.items()}
     g.align = align.Aligner(64, widths, hidden=32, layer=1, text=text)
+    with torch.no_grad():  # no biases and large weights: the projection depends on h, not on its biases alone
+        for name, p in g.align.named_parameters():
+            p.copy_(torch.randn_like(p) if name.endswith("weight") else torch.zeros_like(p))
     ds = align.AlignedDataset(GAPDataset(enc["two"], tokenizer, image_processor, g.latent_ids, DataSpec(
         latent_tokens=K, latent_targets=False)), caches)
     b = collate([ds[0], ds[1]], tokenizer.pad_token_id)
@@ -141,7 +144,7 @@ def test_repa_loss_equals_an_independent_computation(world, enc, text):
                 total -= float(z @ f / (z.norm() * f.norm()))
         per_encoder.append(total)
     expected = sum(per_encoder) / 2
-    assert abs(float(out["align_sum"]) - expected) < 1e-4 * max(1.0, abs(expected))
+    assert abs(float(out["align_sum"]) - expected) < 1e-5 * max(1.0, abs(expected))
     assert int(out["n_align"]) == align.n_positions(ids, b["labels"], g.latent_ids, text)
 
 
