@@ -126,8 +126,10 @@ class GAP(nn.Module):
         the most slots in a row, which makes every slot exact) refine them; the last one is taken with gradient
         into the head only (the states are detached: no backpropagation through the passes)."""
         slots = input_ids == self.pad_id  # (B, T)
-        slot_next = slots[:, 1:]
+        slot_next, v = slots[:, 1:], None
         passes = self.feed_passes or int(slots.sum(1).max())
+        if dist.is_initialized():  # FSDP gathers the parameters in every pass: all ranks must run as many
+            passes = int(all_reduce_max(passes, embeds.device))
         for i in range(passes):
             with torch.no_grad():
                 h = self.states(embeds, attention_mask, pos)[:, :-1][slot_next]
@@ -162,8 +164,8 @@ class GAP(nn.Module):
         if self.latent_feed != "targets":
             # no aux-image targets: L_latent is computed against what the slots hold (the distance of each
             # prediction to the fed latent, 0 once self-feeding has converged); train.py weighs it 0
-            if self.latent_feed == "self" and bool(slot_next.any()):
-                embeds, fed = self.self_fed(embeds, attention_mask, pos, input_ids)
+            if self.latent_feed == "self":  # also with no slot here: another rank may have some (FSDP)
+                embeds, _ = self.self_fed(embeds, attention_mask, pos, input_ids)
             latent_targets = embeds[input_ids == self.pad_id].detach()
         if self.align is None:
             h = self.states(embeds, attention_mask, pos)  # (B, T, D)
@@ -179,6 +181,12 @@ class GAP(nn.Module):
 
     def decode(self, tokenizer, ids):
         return latent_loop.decode(tokenizer, ids, self.latent_ids)
+
+
+def all_reduce_max(n, device):
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 # ----------------------------------------------------------------------------------------------------------

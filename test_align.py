@@ -45,10 +45,13 @@ def enc(world, tmp_path_factory):
     rows = [json.loads(line) for line in open(world["data"])][:4]
     two = write_jsonl(root / "two.jsonl", [dict(r, response=r["response"].replace(
         "</think>", " Now the next step. <latent> Still the same.</think>")) for r in rows])
+    # rows with 1, 2, 3 and 1 spans: two ranks run different numbers of self-feeding passes per micro-step
+    mixed = write_jsonl(root / "mixed.jsonl", [dict(r, response=r["response"].replace(
+        "</think>", " Now the next step. <latent> Still the same." * n + "</think>")) for r, n in zip(rows, (0, 1, 2, 0))])
     for data in (world["data"], two):
         run(["align.py", "--encoders", ",".join(encoders), "--data", data, "--latent_tokens", K,
              "--cache_dir", root / "cache", "--batch_size", 3])
-    return dict(root=root, encoders=encoders, two=two, cache=str(root / "cache"))
+    return dict(root=root, encoders=encoders, two=two, mixed=mixed, cache=str(root / "cache"))
 
 
 def manual_pool(states, side):
@@ -242,7 +245,7 @@ def torchrun(args, nproc):
 
 
 def valr_flags(world, enc, stage=2):
-    return ["--model", world["model"], "--data", world["data"], "--latent_tokens", K, "--latent_head", "pca",
+    return ["--model", world["model"], "--data", enc["mixed"], "--latent_tokens", K, "--latent_head", "pca",
             "--pca_path", enc["root"] / "pca.safetensors", "--adapter_dim", 16, "--lambda_latent", 0,
             "--align", "repa", "--align_encoders", ",".join(enc["encoders"]), "--align_cache", enc["cache"],
             "--align_dim", 16, "--align_text", "--stage", stage, "--lr", "1e-3", "--head_lr", "1e-3",
@@ -262,8 +265,9 @@ def grads_one(world, enc):
 
 @pytest.mark.parametrize("flags", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
 def test_two_ranks_give_the_gradients_of_one_process_with_projectors(world, enc, grads_one, flags):
-    """VaLR stage 2 (self-fed PCA-head latents, REPA on slots and step text, two encoders): 2 ranks x 1 example
-    per micro-step == 1 process x 2, for every parameter, projectors and latent head included."""
+    """VaLR stage 2 (self-fed PCA-head latents, REPA on slots and step text, two encoders; examples with 1 to 3
+    spans): 2 ranks x 1 example per micro-step == 1 process x 2, for every parameter, projectors and latent head
+    included."""
     name = "_".join(["two", *[f.strip("-") for f in flags]])
     out = enc["root"] / f"grads_{name}.pt"
     torchrun([enc["root"] / "driver.py", out, *valr_flags(world, enc), "--global_batch", 4, "--max_steps", 1,
