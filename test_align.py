@@ -281,12 +281,21 @@ def test_two_ranks_give_the_gradients_of_one_process_with_projectors(world, enc,
         assert err < 1e-4, f"{n}: relative gradient difference {err:.2e}"
 
 
-def test_stage_one_then_stage_two_then_infer(world, enc, grads_one, tmp_path):
-    """Stage 1 trains the projectors and the head only (the backbone is the base model's); its checkpoint carries
-    the projectors (align.safetensors), from which stage 2 starts; the stage-2 checkpoint loads in infer.py."""
+def test_stage_one_then_stage_two_then_infer(world, enc, grads_one, tmp_path, monkeypatch):
+    """Stage 1 trains the projectors and the head only (the backbone stays the base model's); its checkpoint carries
+    the projectors (align.safetensors) and the head, from which stage 2 starts; the stage-2 checkpoint loads in
+    infer.py."""
     import train
     from safetensors.torch import load_file
     from model import add_latent_tokens, load_backbone, load_checkpoint
+    built = []  # the head and projectors of each run as build() hands them to the loop
+    real_build = train.build
+
+    def build(*a, **kw):
+        out = real_build(*a, **kw)
+        built.append({k: v.detach().clone() for k, v in out[0].state_dict().items() if k.startswith(("head.", "align."))})
+        return out
+    monkeypatch.setattr(train, "build", build)
     cfg = lambda stage, model, out: train.parse_config(train.TrainConfig, list(map(str, valr_flags(  # noqa: E731
         world, enc, stage))) + ["--model", str(model), "--global_batch", "4", "--max_steps", "2", "--out_dir", str(out)])
     one = train.main(cfg(1, world["model"], tmp_path / "s1"))
@@ -296,23 +305,16 @@ def test_stage_one_then_stage_two_then_infer(world, enc, grads_one, tmp_path):
     base = base.state_dict()
     g1 = load_checkpoint(str(tmp_path / "s1"), "cpu")[0]
     for k, v in g1.backbone.state_dict().items():
-        if k in base and v.shape == base[k].shape:
-            assert torch.equal(v, base[k]), f"stage 1 changed the backbone ({k})"
-    proj1 = load_file(str(tmp_path / "s1" / "align.safetensors"))
-    captured = {}
-    real_build = train.align_lib.build
-
-    def build(*a, **kw):
-        aligner, ds = real_build(*a, **kw)
-        captured.update({k: v.clone() for k, v in aligner.state_dict().items()})
-        return aligner, ds
-    train.align_lib.build = build
-    try:
-        train.main(cfg(2, tmp_path / "s1", tmp_path / "s2"))
-    finally:
-        train.align_lib.build = real_build
-    assert captured.keys() == proj1.keys() and all(torch.equal(captured[k], proj1[k]) for k in proj1)
+        assert torch.equal(v, base[k]), f"stage 1 changed the backbone ({k})"
+    saved = {"align." + k: v for k, v in load_file(str(tmp_path / "s1" / "align.safetensors")).items()}
+    saved.update({"head." + k: v for k, v in g1.head.state_dict().items()})
+    assert saved.keys() == built[0].keys()
+    for part in ("head.", "align."):
+        assert any(not torch.equal(saved[k], built[0][k]) for k in saved if k.startswith(part)), f"{part} not trained"
+    train.main(cfg(2, tmp_path / "s1", tmp_path / "s2"))
+    assert all(torch.equal(built[1][k], saved[k]) for k in saved), "stage 2 must start from stage 1's head/projectors"
     g2 = load_checkpoint(str(tmp_path / "s2"), "cpu")[0]
     assert g2.head.kind == "pca" and g2.align is None
+    assert any(not torch.equal(v, base[k]) for k, v in g2.backbone.state_dict().items()), "stage 2 trains the backbone"
     run(["infer.py", str(world["root"] / "data" / "img" / "q0.png"), "How many?", "--ckpt", tmp_path / "s2",
          "--max_new_tokens", "6"])

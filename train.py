@@ -141,6 +141,10 @@ def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
     # K = 0 (dense-caption control) never calls the head: a parameter-free one keeps the code path the same
     kind = cfg.latent_head if cfg.latent_tokens else "hidden"
     head = LatentHead(kind, backbone.config.text_config.hidden_size, basis=basis, adapter_dim=cfg.adapter_dim)
+    head_path = os.path.join(cfg.model, "latent_head.safetensors")
+    if cfg.stage == 2 and os.path.exists(head_path):  # stage 2 goes on from stage 1's head
+        from safetensors.torch import load_file
+        head.load_state_dict(load_file(head_path))
     gap = GAP(backbone, head.to(device), ids, cfg.latent_tokens)
     gap.latent_feed, gap.feed_passes = feed, cfg.feed_passes
     if cfg.align == "repa":
@@ -302,7 +306,7 @@ def main(cfg: TrainConfig):
         # the loss is normalized by the global number of supervised tokens and latent slots of the step (not by
         # the number of micro-steps): answers have different lengths, and ranks hold different examples
         n_lm = sum(int(lm_targets(mb["labels"], mb["input_ids"], gap.latent_ids).sum()) for mb in micro)
-        n_latent = sum(len(mb["latent_targets"]) for mb in micro if mb["latent_targets"] is not None)
+        n_latent = sum(int((mb["input_ids"] == gap.pad_id).sum()) for mb in micro)  # latent slots
         n_align = sum(align_lib.n_positions(mb["input_ids"], mb["labels"], gap.latent_ids, cfg.align_text)
                       for mb in micro) if gap.align is not None else 0
         n_lm, n_latent, n_align, n_bad = all_reduce([n_lm, n_latent, n_align, bad.count], device)
