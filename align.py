@@ -138,7 +138,9 @@ class AlignedDataset(torch.utils.data.Dataset):
         self.dataset, self.caches = dataset, caches
 
     def __getattr__(self, name):  # rows, spec, skipped, keeps_latent, ... of the wrapped data set
-        return getattr(self.__dict__["dataset"], name)
+        if name == "dataset":  # not set yet (unpickling in a spawned loader worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
     def __len__(self):
         return len(self.dataset)

@@ -77,7 +77,7 @@ def test_losses_sit_on_every_span(gap, spans):
         assert (row_labels == g.start_id).sum() == 2 and (row_ids == g.pad_id).sum() == 2 * K
         assert not ((row_labels == g.pad_id) | (row_labels == g.end_id)).any()
     slots = (ids == g.pad_id).nonzero().tolist()  # row-major: row 0's span 1, span 2, then row 1's
-    v = torch.stack([g.head(h[r, t - 1]) for r, t in slots])
+    v = torch.stack([g.head(h[r, t - 1]) for r, t in slots]).detach()
     expected = float((v - b["latent_targets"]).pow(2).mean(-1).sum())
     assert int(out["n_latent"]) == 4 * K
     assert abs(float(out["latent_sum"]) - expected) < 1e-5
