@@ -3,7 +3,8 @@ serialization (<|latent_start|> + K x <|latent_pad|> + <|latent_end|>), label ma
 stripping, batch collation, and the offline auxiliary-image target cache (paper 4.1, 4.3, appendix F, I).
 
 One JSONL line per example (paths relative to the JSONL file):
-    {"id", "image", "question", "response" (with one "<latent>" placeholder), "aux_image", "answer", "accuracy"}
+    {"id", "image", "question", "response" (with any number of "<latent>" placeholders), "aux_image" (one path for
+     every span, or a list with one path per placeholder, in order), "answer", "accuracy"}
 
 Extract the latent targets once, with the frozen vision tower of the *base* model:
     python data.py --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl --latent_tokens 36 --cache_dir cache
@@ -34,7 +35,7 @@ SYSTEM = "You are a helpful assistant."
 # reading and checking the JSONL
 
 REQUIRED = {"id": (str, int), "image": (str,), "question": (str,), "response": (str,)}
-OPTIONAL = {"aux_image": (str,), "answer": (str, int, float), "accuracy": (int, float)}
+OPTIONAL = {"aux_image": (str, list), "answer": (str, int, float), "accuracy": (int, float)}
 
 
 def read_jsonl(path, skip_bad=False, need_response=True, need_answer=False):
@@ -78,10 +79,15 @@ def check_row(path, line_no, line, seen, need_response=True, need_answer=False):
         raise DataError(path, line_no, "id", f"duplicate id {row['id']!r} (first on line {seen[row['id']]})")
     seen[row["id"]] = line_no
     n_placeholders = row.get("response", "").count(PLACEHOLDER)
-    if n_placeholders > 1:
-        raise DataError(path, line_no, "response", f"{n_placeholders} '{PLACEHOLDER}' placeholders; GAP has one")
     if n_placeholders and "aux_image" not in row:
         raise DataError(path, line_no, "aux_image", f"missing, but the response has a '{PLACEHOLDER}' placeholder")
+    aux = row.get("aux_image")
+    if isinstance(aux, list):
+        if not all(isinstance(a, str) for a in aux):
+            raise DataError(path, line_no, "aux_image", "a list must hold image paths (strings)")
+        if "response" in row and len(aux) != n_placeholders:
+            raise DataError(path, line_no, "aux_image", f"{len(aux)} images for {n_placeholders} '{PLACEHOLDER}' "
+                                                        f"placeholders (give one per placeholder, or one string)")
     row["_line"], row["_file"], row["_raw"] = line_no, path, raw
     return row
 
@@ -126,13 +132,28 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
+def aux_fields(row):
+    """(row, field) of the auxiliary image of each latent span of a row, in order: `aux_image` is one path for
+    every span or a list with one per span, whose entries are named as fields 'aux_image[i]' in errors."""
+    n, aux = row["response"].count(PLACEHOLDER), row["aux_image"]
+    if isinstance(aux, str):
+        return [(row, "aux_image")] * n
+    return [(dict(row, **{f"aux_image[{i}]": a}), f"aux_image[{i}]") for i, a in enumerate(aux)]
+
+
+def aux_images(row):
+    """The auxiliary image of each latent span of a row, in order."""
+    return [open_image(r, key) for r, key in aux_fields(row)]
+
+
 def aux_paths(row):
-    """Absolute paths of a row's auxiliary image(s)."""
-    return [resolve(row, "aux_image")]
+    """Absolute paths of the auxiliary image of each latent span of a row, in order."""
+    return [resolve(r, key) for r, key in aux_fields(row)]
 
 
 def aux_hash(row):
-    """Content hash of a row's auxiliary image(s): its latent targets are valid only for these bytes."""
+    """Content hash of a row's auxiliary images, one per span: its latent targets are valid only for these bytes
+    (and this number of spans)."""
     h = hashlib.sha256()
     for path in aux_paths(row):
         with open(path, "rb") as f:
@@ -195,18 +216,23 @@ def n_image_tokens(image_grid_thw, merge_size=2):
 
 
 def response_ids(tokenizer, response, latent_ids, latent_tokens, keep_latent):
-    """Token ids and labels of the assistant response. The placeholder becomes <|latent_start|> K x
-    <|latent_pad|> <|latent_end|> when keep_latent, else it is removed (text-only / K=0: the parser text
-    stays). Labels: every response token and <|im_end|>, except <|latent_pad|> and <|latent_end|>, which the
+    """Token ids and labels of the assistant response. Each placeholder becomes <|latent_start|> K x
+    <|latent_pad|> <|latent_end|> when keep_latent, else every one is removed (text-only / K=0: the parser
+    text stays). Labels: every response token and <|im_end|>, except <|latent_pad|> and <|latent_end|>, which the
     loop writes rather than samples; <|latent_start|> IS a target (the model decides when to enter)."""
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    before, _, after = response.partition(PLACEHOLDER)
-    if PLACEHOLDER in response and keep_latent and latent_tokens > 0:
+    parts = response.split(PLACEHOLDER)  # text before, between and after the spans
+    if len(parts) > 1 and keep_latent and latent_tokens > 0:
         span = [latent_ids["start"]] + [latent_ids["pad"]] * latent_tokens + [latent_ids["end"]]
-        ids = enc(before) + span + enc(after) + [end_of_turn]
-    else:
-        ids = enc(" ".join(p for p in (before.rstrip(" "), after.lstrip(" ")) if p)) + [end_of_turn]
+        ids = enc(parts[0])
+        for part in parts[1:]:
+            ids += span + enc(part)
+        ids += [end_of_turn]
+    else:  # the spaces around each placeholder become one
+        trimmed = [p.rstrip(" ") if i == 0 else p.lstrip(" ") if i == len(parts) - 1 else p.strip(" ")
+                   for i, p in enumerate(parts)]
+        ids = enc(" ".join(p for p in trimmed if p)) + [end_of_turn]
     labels = [IGNORE if t in (latent_ids["pad"], latent_ids["end"]) else t for t in ids]
     return ids, labels
 
@@ -215,9 +241,10 @@ def response_ids(tokenizer, response, latent_ids, latent_tokens, keep_latent):
 # the training data set
 
 class TargetCache:
-    """Auxiliary-image latent targets on disk: DIR/K{K}/shard_*.safetensors, one (K, d) tensor per example id, and
-    DIR/K{K}/cache.json, what made them (the vision tower's fingerprint, K, the resize). A target is stored as
-    "{id}/{content hash of its aux image}", so an edited image's old targets are stale, never used. Shards are named by their writer (host, process, rank), so parallel extractions never collide."""
+    """Auxiliary-image latent targets on disk: DIR/K{K}/shard_*.safetensors, one (S*K, d) tensor per example id (S
+    spans, in order), and DIR/K{K}/cache.json, what made them (the vision tower's fingerprint, K, the resize). A
+    target is stored as "{id}/{content hash of its aux images}", so an edited image's old targets are stale, never
+    used. Shards are named by their writer (host, process, rank), so parallel extractions never collide."""
 
     def __init__(self, cache_dir, latent_tokens, fingerprint=None):
         """fingerprint: cache_info() of the model in use; a cache made by another one is refused (DataError)."""
@@ -284,6 +311,7 @@ class DataSpec:
     max_len: int = 8192
     image_min_pixels: int = 0
     image_max_pixels: int = 0
+    latent_targets: bool = True  # False: the latent slots get no aux-image targets (VaLR feeds pad / its own)
 
 
 class GAPDataset(torch.utils.data.Dataset):
@@ -298,7 +326,7 @@ class GAPDataset(torch.utils.data.Dataset):
         self.tokenizer, self.image_processor, self.latent_ids, self.spec = tokenizer, image_processor, latent_ids, spec
         self.targets = target_cache
         self.merge = 2
-        if spec.latent_tokens and any(self.keeps_latent(r) for r in self.rows):
+        if spec.latent_tokens and spec.latent_targets and any(self.keeps_latent(r) for r in self.rows):
             if target_cache is None:
                 raise DataError(f"{path}: examples keep latent spans (K={spec.latent_tokens}) but no target cache given")
             if target_cache.info is None:
@@ -347,14 +375,16 @@ class GAPDataset(torch.utils.data.Dataset):
             raise DataError(row["_file"], row["_line"], "response", too_long(len(input_ids), n_image, spec,
                                                                              self.image_processor))
         targets = None
-        if keep:
+        if keep and spec.latent_targets:
             try:
                 targets = self.targets.get(row["id"], aux_hash(row))
             except KeyError as e:
                 raise DataError(row["_file"], row["_line"], "aux_image", e.args[0]) from None
-            if targets.shape[0] != spec.latent_tokens:
+            n_spans = row["response"].count(PLACEHOLDER)
+            if targets.shape[0] != n_spans * spec.latent_tokens:
                 raise DataError(row["_file"], row["_line"], "aux_image",
-                                f"cached target has {targets.shape[0]} latent vectors but K={spec.latent_tokens}")
+                                f"cached target has {targets.shape[0]} latent vectors but K={spec.latent_tokens}"
+                                + ("" if n_spans == 1 else f" x {n_spans} spans"))
         return dict(id=row["id"], input_ids=torch.tensor(input_ids), labels=torch.tensor(labels),
                     pixel_values=pixel_values, image_grid_thw=grid, latent_targets=targets)
 
@@ -383,11 +413,20 @@ def collate(items, pad_id, left=False):
         input_ids[b, cols], attention_mask[b, cols] = it["input_ids"], 1
         if "labels" in it:
             labels[b, cols] = it["labels"]
-    targets = [it["latent_targets"] for it in items if it.get("latent_targets") is not None]
     return dict(ids=[it["id"] for it in items], input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                 pixel_values=torch.cat([it["pixel_values"] for it in items]),
-                image_grid_thw=torch.cat([it["image_grid_thw"] for it in items]),
-                latent_targets=torch.cat(targets) if targets else None)
+                image_grid_thw=torch.cat([it["image_grid_thw"] for it in items]), **slot_targets(items))
+
+
+def slot_targets(items):
+    """latent_targets (and align_targets, when the items carry them) of a batch: the items' tensors one after
+    the other, in row-major slot order; None where no item has any."""
+    out = {}
+    for key in ("latent_targets", "align_targets"):
+        if key == "latent_targets" or any(key in it for it in items):
+            parts = [it[key] for it in items if it.get(key) is not None]
+            out[key] = torch.cat(parts) if parts else None
+    return out
 
 
 def pack(items, budget):
@@ -415,12 +454,10 @@ def collate_packed(items):
         lab = it["labels"].clone()
         lab[0] = IGNORE
         labels.append(lab)
-    targets = [it["latent_targets"] for it in items if it.get("latent_targets") is not None]
     return dict(ids=[it["id"] for it in items], input_ids=torch.cat([it["input_ids"] for it in items])[None],
                 attention_mask=None, labels=torch.cat(labels)[None], seq_lens=[len(it["input_ids"]) for it in items],
                 pixel_values=torch.cat([it["pixel_values"] for it in items]),
-                image_grid_thw=torch.cat([it["image_grid_thw"] for it in items]),
-                latent_targets=torch.cat(targets) if targets else None)
+                image_grid_thw=torch.cat([it["image_grid_thw"] for it in items]), **slot_targets(items))
 
 
 class StepCollate:
@@ -521,11 +558,13 @@ def extract_targets(cfg: TargetsConfig, backbone=None, image_processor=None, ran
         batch, images = [], []
         for r, h in todo[i:i + cfg.batch_size]:
             with bad.guard():
-                images.append(open_image(r, "aux_image"))
+                images.append(aux_images(r))
                 batch.append((r, h))
         if batch:
-            feats = aux_targets(backbone, image_processor, images, cfg.latent_tokens).cpu()
-            shard.update({f"{r['id']}/{h}": f.contiguous() for (r, h), f in zip(batch, feats)})
+            feats = aux_targets(backbone, image_processor, [im for ims in images for im in ims], cfg.latent_tokens)
+            per_row = torch.split(feats.cpu().flatten(0, 1), [len(ims) * cfg.latent_tokens for ims in images])
+            # (S*K, d) per example, spans in order
+            shard.update({f"{r['id']}/{h}": f.contiguous() for (r, h), f in zip(batch, per_row)})
             extracted += len(batch)
         if len(shard) >= cfg.shard_size or (i + cfg.batch_size >= len(todo) and shard):
             path = os.path.join(cache.dir, f"shard_{writer}_{shard_no:05d}.safetensors")

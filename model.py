@@ -90,6 +90,11 @@ class GAP(nn.Module):
         self.latent_ids = dict(start=latent_ids["start"], pad=latent_ids["pad"], end=latent_ids["end"])
         self.start_id, self.pad_id, self.end_id = (self.latent_ids[k] for k in ("start", "pad", "end"))
         self.image_token_id = backbone.config.image_token_id
+        # training only (train.py sets them): what the latent slots hold in the teacher-forced pass -- targets
+        # (GAP: the aux-image targets), pad (the <|latent_pad|> embedding, no feedback: VaLR stage 1) or self
+        # (VaLR stage 2: the model's own latents, as at inference, from feed_passes no-grad passes; 0: exact) --
+        # and the REPA aligner (align.Aligner), whose projectors are not part of the checkpoint
+        self.latent_feed, self.feed_passes, self.align = "targets", 0, None
 
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, latent_targets=None):
         """Input embeddings (B, T, D) with image features and (training) latent targets scattered in."""
@@ -112,19 +117,43 @@ class GAP(nn.Module):
         text = torch.cat([torch.arange(len(e), device=input_ids.device) for e in examples])  # (T,)
         return torch.cat([text[None], mrope], dim=0)[:, None]  # (4, 1, T)
 
-    def states(self, embeds, attention_mask, position_ids):
-        """h_bar (B, T, D): the decoder's final-RMSNorm output (what the LM head and the latent head read)."""
+    def states(self, embeds, attention_mask, position_ids, layer=None):
+        """h_bar (B, T, D): the decoder's final-RMSNorm output (what the LM head and the latent head read); with
+        `layer` also the output of that decoder layer (1-based; the stock model's hidden_states[layer])."""
         # use_cache=False: no KV cache in training, and with a cache the stock model would not read packed rows'
         # example boundaries from position_ids (it builds their block-diagonal mask only without one)
-        return self.backbone.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                   use_cache=False).last_hidden_state
+        out = self.backbone.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False, output_hidden_states=layer is not None)
+        return out.last_hidden_state if layer is None else (out.last_hidden_state, out.hidden_states[layer])
+
+    def self_fed(self, embeds, attention_mask, pos, input_ids):
+        """VaLR feeding in training: each latent slot gets head(h_bar of the position before it), as the loop
+        feeds at inference. A slot depends on the slots before it, so feed_passes no-grad passes (0: as many as
+        the most slots in a row, which makes every slot exact) refine them; the last one is taken with gradient
+        into the head only (the states are detached: no backpropagation through the passes)."""
+        slots = input_ids == self.pad_id  # (B, T)
+        slot_next, v = slots[:, 1:], None
+        passes = self.feed_passes or int(slots.sum(1).max())
+        if dist.is_initialized():  # FSDP gathers the parameters in every pass: all ranks must run as many
+            passes = int(all_reduce_max(passes, embeds.device))
+        for i in range(passes):
+            with torch.no_grad():
+                h = self.states(embeds, attention_mask, pos)[:, :-1][slot_next]
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i == passes - 1):
+                v = self.head(h)
+            embeds = embeds.masked_scatter(slots[..., None], v.to(embeds.dtype))
+        return embeds, v
 
     def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None,
-                latent_targets=None, scheduled_sampling=False, seq_lens=None):
-        """Teacher-forced pass: the target vectors are the inputs at the latent slots. `seq_lens` marks a packed
-        batch (data.collate_packed: one row, examples back to back, attention_mask None). Returns
-        losses.gap_losses' sums and counts (the caller normalizes by global counts: losses.total_loss)."""
-        embeds = self.embed(input_ids, pixel_values, image_grid_thw, latent_targets)
+                latent_targets=None, scheduled_sampling=False, seq_lens=None, align_targets=None):
+        """Teacher-forced pass: the target vectors are the inputs at the latent slots (latent_feed targets; see
+        __init__ for pad / self). `seq_lens` marks a packed batch (data.collate_packed: one row, examples back to
+        back, attention_mask None). Returns losses.gap_losses' sums and counts (the caller normalizes by global
+        counts: losses.total_loss), with an aligner also align.Aligner's align_sum and n_align."""
+        if self.latent_feed == "targets":
+            embeds = self.embed(input_ids, pixel_values, image_grid_thw, latent_targets)
+        else:  # the slots keep the <|latent_pad|> embedding, or get the model's own latents below
+            embeds = latent_loop.embed_inputs(self.backbone, input_ids, pixel_values, image_grid_thw)
         if seq_lens is not None:
             if attention_mask is not None or input_ids.shape[0] != 1:
                 raise ValueError("a packed batch is one row with attention_mask=None (see data.collate_packed)")
@@ -138,8 +167,18 @@ class GAP(nn.Module):
             with torch.no_grad():
                 v_pred = self.head(self.states(embeds, attention_mask, pos)[:, :-1][slot_next])
             embeds = embeds.masked_scatter((input_ids == self.pad_id)[..., None], v_pred.to(embeds.dtype))
-        h = self.states(embeds, attention_mask, pos)  # (B, T, D)
-        return gap_losses(h, labels, input_ids, self.latent_ids, self.head, self.backbone.lm_head, latent_targets)
+        if self.latent_feed != "targets":
+            # no aux-image targets: L_latent is computed against what the slots hold (the distance of each
+            # prediction to the fed latent, 0 once self-feeding has converged); train.py weighs it 0
+            if self.latent_feed == "self":  # also with no slot here: another rank may have some (FSDP)
+                embeds, _ = self.self_fed(embeds, attention_mask, pos, input_ids)
+            latent_targets = embeds[input_ids == self.pad_id].detach()
+        if self.align is None:
+            h = self.states(embeds, attention_mask, pos)  # (B, T, D)
+            return gap_losses(h, labels, input_ids, self.latent_ids, self.head, self.backbone.lm_head, latent_targets)
+        h, h_layer = self.states(embeds, attention_mask, pos, self.align.layer)
+        out = gap_losses(h, labels, input_ids, self.latent_ids, self.head, self.backbone.lm_head, latent_targets)
+        return dict(out, **self.align(h_layer, input_ids, labels, self.latent_ids, align_targets))
 
     def generate(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, **kwargs):
         """New tokens (R, S) of latent_loop.generate for left-padded prompts (B, T); R = B * num_samples."""
@@ -148,6 +187,12 @@ class GAP(nn.Module):
 
     def decode(self, tokenizer, ids):
         return latent_loop.decode(tokenizer, ids, self.latent_ids)
+
+
+def all_reduce_max(n, device):
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,6 +215,9 @@ def save_checkpoint(gap, tokenizer, image_processor, out_dir, gap_config: dict, 
     image_processor.save_pretrained(tmp)
     head_state = {k: v.detach().float().cpu().contiguous() for k, v in part("head.").items()}
     save_file(head_state, os.path.join(tmp, "latent_head.safetensors"))
+    align_state = {k: v.detach().float().cpu().contiguous() for k, v in part("align.").items()}
+    if align_state:  # REPA projectors: training only (a stage-2 run starts from them); inference ignores them
+        save_file(align_state, os.path.join(tmp, "align.safetensors"))
     if basis is not None:
         pca_lib.save(os.path.join(tmp, "pca.safetensors"), basis)
     config = dict(gap_config, latent_tokens=gap.latent_tokens, head_config=gap.head.config(),

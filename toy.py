@@ -83,6 +83,8 @@ class ToyConfig:
     max_new_tokens: int = field(default=64, metadata={"help": "generated tokens per answer, latents included"})
     eval_batch: int = field(default=64, metadata={"help": "prompts per generation batch"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default, all cores)"})
+    valr: bool = field(default=False, metadata={"help": "also train VaLR (REPA stage 1 -> 2, output-as-input) from the "
+                                                        "base and evaluate it (README 'VaLR'; off: the quick start's time)"})
 
 
 QUICK = dict(hidden=64, layers=2, n_train=96, n_val=12, n_test=48, base_epochs=2, epochs=2, batch=16, samples=2,
@@ -317,6 +319,35 @@ def latent_norms(cfg, ckpt, test_path, n=64):
     return vision, latents.norm(dim=-1).mean().item(), forced
 
 
+def toy_encoder(out_dir, image_size, seed):
+    """The toy's external vision encoder for REPA: a random stock Dinov2Model (2 layers, width 64, one 14 px
+    patch per cell) with its image processor. Nothing pretrained exists for this world; on its flat-colour cells
+    random patch features still tell the colours apart (as the frozen random Qwen tower's do)."""
+    import torch
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+    torch.manual_seed(seed)
+    Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                             patch_size=14, image_size=image_size)).save_pretrained(out_dir)
+    BitImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                         do_center_crop=False, do_resize=False).save_pretrained(out_dir)
+    return out_dir
+
+
+def train_valr(cfg, base, data, pca_path):
+    """VaLR on the toy: the encoder's features of the training images, stage 1 (projectors, 2 epochs), then
+    stage 2 (everything, self-fed latents, cfg.epochs) from stage 1's checkpoint. Returns the stage-2 checkpoint."""
+    import align
+    enc = toy_encoder(os.path.join(cfg.out, "encoder"), cfg.image_size, cfg.seed)
+    cache = os.path.join(cfg.out, "cache", "align")
+    align.extract_features(align.FeaturesConfig(encoders=enc, data=data, latent_tokens=cfg.latent_tokens,
+                                                cache_dir=cache, batch_size=64))
+    kw = dict(latent_tokens=cfg.latent_tokens, latent_head="hidden", pca_path=pca_path, lambda_latent=0.0,
+              align="repa", align_encoders=enc, align_cache=cache, align_dim=128, align_text=True,
+              lr=cfg.ft_lr, head_lr=cfg.ft_lr, difficulty_tau=cfg.difficulty_tau)
+    stage1 = train_stage(cfg, "valr_stage1", base, data, stage=1, epochs=2, **kw)
+    return train_stage(cfg, "valr", stage1, data, stage=2, epochs=cfg.epochs, **kw)
+
+
 def plot(results, path):
     """Bar chart of accuracy +- 2 stderr per variant, written with PIL (no matplotlib)."""
     W, H, left, bottom, top = 560, 300, 40, 40, 30
@@ -329,10 +360,11 @@ def plot(results, path):
         y = H - bottom - t * ph
         d.line([left - 4, y, left, y], fill="black")
         d.text((4, y - 6), f"{t:.2f}", fill="black")
-    bw = (W - left - 20) / len(MODES)
+    modes = [m for m in MODES + ("valr",) if m in results["accuracy"]]
+    bw = (W - left - 20) / len(modes)
     fills = dict(base=(150, 150, 150), model=(40, 120, 200), zero=(230, 150, 40), noise=(200, 60, 60),
-                 dense_caption=(120, 170, 90), hidden=(150, 100, 180))
-    for i, m in enumerate(MODES):
+                 dense_caption=(120, 170, 90), hidden=(150, 100, 180), valr=(60, 170, 170))
+    for i, m in enumerate(modes):
         a, s = results["accuracy"][m], results["stderr"][m]
         x0 = left + 10 + i * bw
         d.rectangle([x0, H - bottom - a * ph, x0 + bw - 20, H - bottom], fill=fills[m])
@@ -361,7 +393,8 @@ def run(cfg: ToyConfig):
     for f in families:
         if f not in MAKERS:
             raise ValueError(f"unknown family {f!r}; expected some of {FAMILIES}")
-    for sub in ("data", "cache", "eval", "tiny", "base", "gap", "dense_caption", "hidden"):
+    for sub in ("data", "cache", "eval", "tiny", "base", "gap", "dense_caption", "hidden", "encoder", "valr_stage1",
+                "valr"):
         shutil.rmtree(os.path.join(cfg.out, sub), ignore_errors=True)
     os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
     paths = write_world(os.path.join(cfg.out, "data"), cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed,
@@ -396,6 +429,8 @@ def run(cfg: ToyConfig):
     runs = dict(base=(ckpts["base"], "model"), model=(ckpts["gap"], "model"), zero=(ckpts["gap"], "zero"),
                 noise=(ckpts["gap"], "noise"), dense_caption=(ckpts["dense_caption"], "model"),
                 hidden=(ckpts["hidden"], "model"))
+    if cfg.valr:
+        runs["valr"] = (train_valr(cfg, base, scored_path, pca_path), "model")
     acc, err, per_family, latent_used, answered = {}, {}, {}, {}, {}
     fam_of = {}
     with open(paths["test"]) as f:
@@ -419,13 +454,13 @@ def run(cfg: ToyConfig):
                    per_family=per_family, latent_rate=latent_used, answer_rate=answered,
                    difficulty=dict(n_train=len(scored), n_latent=n_latent, tau=cfg.difficulty_tau, samples=cfg.samples),
                    gaps_in_stderr={m: (acc["model"] - acc[m]) / max(1e-12, math.hypot(err["model"], err[m]))
-                                   for m in ("zero", "noise", "dense_caption", "hidden", "base")},
+                                   for m in runs if m != "model"},
                    config=dataclasses.asdict(cfg), wall_s=round(time.time() - t0, 1))
     atomic_write_text(os.path.join(cfg.out, "results.json"), json.dumps(results, indent=2) + "\n")
     plot(results, os.path.join(cfg.out, "results.png"))
     print(f"\n{'variant':<14}{'accuracy':>10}{'stderr':>9}{'latent%':>9}{'answer%':>9}  " +
           "  ".join(f"{f:>8}" for f in families))
-    for m in MODES:
+    for m in runs:
         print(f"{m:<14}{acc[m]:>10.4f}{err[m]:>9.4f}{100 * latent_used[m]:>8.0f}%{100 * answered[m]:>8.0f}%  " +
               "  ".join(f"{per_family[m][f]:>8.3f}" for f in families))
     print(f"model - zero = {results['gaps_in_stderr']['zero']:.1f} stderr, model - noise = "

@@ -10,6 +10,10 @@ torchrun --max-restarts after a worker died) continues from it by itself; --fres
         --global_batch 4 --epochs 3 --lr 1e-3 --head_lr 1e-3 --out_dir out/gap
     torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl \\
         --target_cache cache --latent_tokens 36 --fsdp --grad_ckpt --pack --save_every 200
+VaLR (README "VaLR"): --align repa with cached encoder features (align.py), --stage 1 then --stage 2:
+    python train.py --model out/tiny --data valr.jsonl --latent_tokens 4 --latent_head hidden --lambda_latent 0 \\
+        --align repa --align_encoders enc/dinov2,enc/siglip --align_cache align_cache --stage 1 --out_dir out/s1
+    python train.py --model out/s1 ... --stage 2 --out_dir out/valr
 """
 import contextlib
 import dataclasses
@@ -23,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import align as align_lib
 import pca as pca_lib
 from common import SQUARE, BadExamples, DataError, all_reduce, parse_config, run_main, setup_distributed
 from data import (PLACEHOLDER, DataSpec, GAPDataset, StepCollate, TargetCache, aux_hash, cache_info, report,
@@ -88,6 +93,24 @@ class TrainConfig:
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank (0: load in the "
                                                           "training process)", "range": (0, 64)})
     log_every: int = field(default=10, metadata={"help": "print a log line every N steps", "range": (1, None)})
+    # VaLR (README "VaLR"; align.py)
+    stage: int = field(default=0, metadata={"help": "VaLR curriculum: 1 (slots hold the pad embedding), 2 (slots "
+                                                    "self-fed, projectors from --model's align.safetensors); 0: none",
+                                            "range": (0, 2)})
+    latent_feed: str = field(default="auto", metadata={
+        "help": "latent slot inputs in training: targets (GAP) | pad | self (the model's own latents); auto: targets, "
+                "pad in stage 1, self in stage 2", "choices": ["auto", "targets", "pad", "self"]})
+    feed_passes: int = field(default=0, metadata={"help": "no-grad passes that compute self-fed latents (0: exact, "
+                                                          "as many as a row's latent slots)", "range": (0, None)})
+    align: str = field(default="none", metadata={"help": "repa: align a decoder layer with vision-encoder features",
+                                                 "choices": ["none", "repa"]})
+    align_encoders: str = field(default="", metadata={"help": "comma-separated encoder directories (align.py)"})
+    align_cache: str = field(default="align_cache", metadata={"help": "encoder features written by align.py"})
+    align_layer: int = field(default=0, metadata={"help": "decoder layer aligned, 1-based (0: the middle one, L // 2)",
+                                                  "range": (0, None)})
+    align_dim: int = field(default=2048, metadata={"help": "hidden width of each encoder's projector MLP"})
+    align_text: bool = field(default=False, metadata={"help": "also align the text tokens of each reasoning step"})
+    lambda_align: float = field(default=0.5, metadata={"help": "weight of the REPA loss"})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,6 +119,8 @@ class TrainConfig:
 def fit_basis(cache: TargetCache, rows, var, rank, world):
     """PCA basis of the cached targets of `rows` (those with a latent span), each rank streaming a slice, merged
     exactly across ranks. None when no row has a target."""
+    if cache.info is None:  # nothing extracted for this K
+        return None
     stats = pca_lib.PCAStats(d=cache.info["width"])
     for r in [r for r in rows if PLACEHOLDER in r["response"]][rank::world]:
         with contextlib.suppress(DataError, KeyError):  # a bad or missing one is reported by validation
@@ -113,7 +138,9 @@ def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
     backbone.model.visual.requires_grad_(cfg.train_vision)
     if cfg.grad_ckpt:  # recompute each decoder block in backward instead of keeping its activations
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    spec = DataSpec(cfg.latent_tokens, cfg.difficulty_tau, cfg.max_len, cfg.image_min_pixels, cfg.image_max_pixels)
+    feed = latent_feed(cfg)
+    spec = DataSpec(cfg.latent_tokens, cfg.difficulty_tau, cfg.max_len, cfg.image_min_pixels, cfg.image_max_pixels,
+                    latent_targets=feed == "targets")
     # refuses a cache made by another vision tower, K or resize (the fingerprint is of the base weights, before any
     # training of the tower)
     cache = TargetCache(cfg.target_cache, cfg.latent_tokens, cache_info(backbone, cfg.latent_tokens)) \
@@ -129,6 +156,10 @@ def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
         bad_rows = {i for i, _, _ in problems}
         dataset.rows = [r for i, r in enumerate(dataset.rows) if i not in bad_rows]
         dataset.skipped += len(bad_rows)
+    if cfg.stage and cfg.align != "repa":
+        raise DataError(f"--stage {cfg.stage} is VaLR's curriculum: it needs --align repa")
+    if cfg.stage == 1:  # only the projectors and the latent head learn (README "VaLR")
+        backbone.requires_grad_(False)
     if basis is None and cfg.latent_tokens:
         if cfg.pca_path and not os.path.exists(cfg.pca_path):
             raise DataError(f"--pca_path {cfg.pca_path}: no such file")
@@ -143,7 +174,25 @@ def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
     # K = 0 (dense-caption control) never calls the head: a parameter-free one keeps the code path the same
     kind = cfg.latent_head if cfg.latent_tokens else "hidden"
     head = LatentHead(kind, backbone.config.text_config.hidden_size, basis=basis, adapter_dim=cfg.adapter_dim)
-    return GAP(backbone, head.to(device), ids, cfg.latent_tokens), tokenizer, image_processor, dataset, basis
+    head_path = os.path.join(cfg.model, "latent_head.safetensors")
+    if cfg.stage == 2 and os.path.exists(head_path):  # stage 2 goes on from stage 1's head
+        from safetensors.torch import load_file
+        head.load_state_dict(load_file(head_path))
+    gap = GAP(backbone, head.to(device), ids, cfg.latent_tokens)
+    gap.latent_feed, gap.feed_passes = feed, cfg.feed_passes
+    if cfg.align == "repa":
+        gap.align, dataset = align_lib.build(cfg, backbone, dataset, from_stage_one=cfg.stage == 2)
+        gap.align.to(device)
+    return gap, tokenizer, image_processor, dataset, basis
+
+
+def latent_feed(cfg):
+    """What the latent slots hold in training (--latent_feed; auto follows --stage). Without aux-image targets
+    L_latent has nothing to learn from, so its weight must be 0."""
+    feed = cfg.latent_feed if cfg.latent_feed != "auto" else {0: "targets", 1: "pad", 2: "self"}[cfg.stage]
+    if feed != "targets" and cfg.lambda_latent and cfg.latent_tokens:
+        raise ValueError(f"--latent_feed {feed} has no latent targets: pass --lambda_latent 0")
+    return feed
 
 
 def bf16(cfg, device):
@@ -178,11 +227,11 @@ def wrap(gap, cfg, device, world):
 
 
 def optimizer_for(gap, cfg):
-    """AdamW with decay on matrices only, and the head on its own learning rate."""
+    """AdamW with decay on matrices only, and the head (and REPA projectors) on its own learning rate."""
     groups = {"decay": [], "no_decay": [], "head": []}
     for name, p in gap.named_parameters():
         if p.requires_grad:
-            groups["head" if name.startswith("head.") else ("decay" if p.ndim >= 2 else "no_decay")].append(p)
+            groups["head" if name.startswith(("head.", "align.")) else ("decay" if p.ndim >= 2 else "no_decay")].append(p)
     return torch.optim.AdamW([
         dict(params=groups["decay"], lr=cfg.lr, weight_decay=cfg.weight_decay),
         dict(params=groups["no_decay"], lr=cfg.lr, weight_decay=0.0),
@@ -233,7 +282,8 @@ def to_device(batch, device):
 
 # flags that set the data order, the schedule or the model: a resumed run must keep them
 RESUME_FIXED = ("data", "seed", "global_batch", "epochs", "max_steps", "latent_tokens", "latent_head",
-                "difficulty_tau", "lr", "head_lr", "warmup_ratio", "adapter_dim")
+                "difficulty_tau", "lr", "head_lr", "warmup_ratio", "adapter_dim", "stage", "latent_feed", "align",
+                "align_encoders", "align_layer", "align_dim", "align_text")
 
 
 def save_interval(save_every, total):
@@ -295,10 +345,12 @@ def main(cfg: TrainConfig):
         # the loss is normalized by the global number of supervised tokens and latent slots of the step (not by
         # the number of micro-steps): answers have different lengths, and ranks hold different examples
         n_lm = sum(int(lm_targets(mb["labels"], mb["input_ids"], gap.latent_ids).sum()) for mb in micro)
-        n_latent = sum(len(mb["latent_targets"]) for mb in micro if mb["latent_targets"] is not None)
-        n_lm, n_latent, n_bad = all_reduce([n_lm, n_latent, bad.count], device)
+        n_latent = sum(int((mb["input_ids"] == gap.pad_id).sum()) for mb in micro)  # latent slots
+        n_align = sum(align_lib.n_positions(mb["input_ids"], mb["labels"], gap.latent_ids, cfg.align_text)
+                      for mb in micro) if gap.align is not None else 0
+        n_lm, n_latent, n_align, n_bad = all_reduce([n_lm, n_latent, n_align, bad.count], device)
         (n_micro,) = all_reduce([len(micro)], device, dist.ReduceOp.MAX if dist.is_initialized() else None)
-        lm_sum = latent_sum = n_tokens = 0.0
+        lm_sum = latent_sum = align_sum = n_tokens = 0.0
         for j in range(int(n_micro)):
             # FSDP gathers parameters in every forward, so all ranks run n_micro of them: a rank with fewer
             # micro-batches (packing, skipped examples) repeats its last one with weight 0
@@ -309,6 +361,9 @@ def main(cfg: TrainConfig):
                 out = model(**mb, scheduled_sampling=cfg.scheduled_sampling)
             # x world: DDP and FSDP average gradients over ranks, the global normalization already did
             loss = total_loss(out, n_lm, n_latent, cfg.lambda_latent) * world
+            if gap.align is not None:  # REPA, normalized by the global number of aligned positions
+                loss = loss + cfg.lambda_align * out["align_sum"] / max(n_align, 1.0) * world
+                align_sum += weight * out["align_sum"].item()
             (loss * weight).backward()
             lm_sum += weight * out["lm_sum"].item()
             latent_sum += weight * out["latent_sum"].item()
@@ -319,12 +374,14 @@ def main(cfg: TrainConfig):
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        lm_sum, latent_sum, n_tokens = all_reduce([lm_sum, latent_sum, n_tokens], device)
-        losses.append((lm_sum / max(n_lm, 1), latent_sum / max(n_latent, 1)))
+        lm_sum, latent_sum, align_sum, n_tokens = all_reduce([lm_sum, latent_sum, align_sum, n_tokens], device)
+        losses.append((lm_sum / max(n_lm, 1), latent_sum / max(n_latent, 1))
+                      + ((align_sum / max(n_align, 1),) if gap.align is not None else ()))
         step_s.append(time.time() - t0)  # the whole step, waiting for its data included
         t0, window_tokens = time.time(), window_tokens + n_tokens
         if rank == 0 and (step % cfg.log_every == 0 or step == total):
             print(f"step {step}/{total} | loss_lm {losses[-1][0]:.4f} | loss_latent {losses[-1][1]:.4f} | "
+                  + (f"loss_align {losses[-1][2]:.4f} | " if gap.align is not None else "") +
                   f"lr {sched.get_last_lr()[0]:.2e} | {window_tokens / (t0 - t_log):.0f} tok/s", flush=True)
             t_log, window_tokens = t0, 0.0
         if save_every and step % save_every == 0 and step < total:

@@ -1,0 +1,249 @@
+"""VaLR's representation alignment (REPA; VaLR paper, "Vision-aligned Latent Reasoning", method: latent tokens
+before each reasoning step aligned with external vision encoders, several fused): the hidden state of one decoder
+layer at every latent slot (and, with --align_text, at the text tokens of each reasoning step) goes through a small
+projector MLP per encoder and is pulled towards that encoder's patch features of the query image by negative cosine
+similarity. The encoders are stock transformers vision models (Dinov2Model, SiglipVisionModel, ...) loaded from
+local directories, frozen, and run once offline: their features are cached like GAP's targets, so training and
+inference never load them.
+
+This project's choices where the paper summary is silent (README "VaLR"): the patch grid is average-pooled to the
+span's sqrt(K) x sqrt(K) grid, slot j of every span aligned with cell j (row-major); a text token of a step is
+aligned with the mean of the K cells (it has no place on the grid); the prefix tokens of an encoder (CLS,
+registers) are dropped; the projector is Linear(d, h) -> SiLU -> Linear(h, h) -> SiLU -> Linear(h, C) as in REPA.
+
+Cache the features of every encoder once (writes CACHE_DIR/<encoder dir name>/K{K}/shard_*.safetensors and
+encoder.json, which records the encoder directory and its config):
+    python align.py --encoders enc/dinov2,enc/siglip --data train.jsonl --latent_tokens 36 --cache_dir align_cache
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import BadExamples, DataError, atomic_write_text, parse_config
+from data import PLACEHOLDER, TargetCache, open_image, read_jsonl
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the frozen encoders and their pooled patch features
+
+def load_encoder(path, device="cpu"):
+    """A stock transformers vision model and its image processor from a local directory, frozen, in eval mode."""
+    from transformers import AutoImageProcessor, AutoModel
+    model = AutoModel.from_pretrained(path).to(device).eval().requires_grad_(False)
+    return model, AutoImageProcessor.from_pretrained(path)
+
+
+@torch.no_grad()
+def pooled_features(encoder, processor, images, latent_tokens):
+    """(N, K, C): the encoder's last-layer patch features of each image, its prefix tokens (CLS, registers)
+    dropped, average-pooled from its patch grid to sqrt(K) x sqrt(K), cells in row-major order."""
+    side = math.isqrt(latent_tokens)
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(next(encoder.parameters()).device)
+    states = encoder(pixel_values=pixels).last_hidden_state  # (N, prefix + gh * gw, C)
+    patch = encoder.config.patch_size
+    gh, gw = pixels.shape[-2] // patch, pixels.shape[-1] // patch
+    grid = states[:, -gh * gw:].reshape(len(images), gh, gw, -1).permute(0, 3, 1, 2)  # (N, C, gh, gw)
+    return F.adaptive_avg_pool2d(grid.float(), side).flatten(2).transpose(1, 2)  # (N, K, C)
+
+
+def provenance(encoder_dir, encoder, latent_tokens):
+    """What produced a feature cache: the encoder directory, a hash of its config, K and the pooling."""
+    config = json.dumps(encoder.config.to_dict(), sort_keys=True, default=str)
+    return dict(encoder=os.path.abspath(encoder_dir), config_sha256=hashlib.sha256(config.encode()).hexdigest(),
+                latent_tokens=latent_tokens, pooling="adaptive_avg", width=encoder.config.hidden_size)
+
+
+def encoder_name(encoder_dir):
+    return os.path.basename(os.path.normpath(encoder_dir))
+
+
+def open_caches(cache_dir, encoder_dirs, latent_tokens):
+    """{name: (TargetCache, width)} of each encoder's features; fails loudly when a cache is missing or was
+    written by another encoder directory, config or K."""
+    caches = {}
+    for enc in encoder_dirs:
+        name = encoder_name(enc)
+        path = os.path.join(cache_dir, name, "encoder.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no feature cache of encoder {enc}; run align.py to write it")
+        with open(path) as f:
+            meta = json.load(f)
+        if meta["encoder"] != os.path.abspath(enc) or meta["latent_tokens"] != latent_tokens:
+            raise ValueError(f"{path}: written for {meta['encoder']} K={meta['latent_tokens']}, not for "
+                             f"{os.path.abspath(enc)} K={latent_tokens}")
+        config_path = os.path.join(enc, "config.json")
+        if os.path.exists(config_path):
+            from transformers import AutoConfig
+            config = json.dumps(AutoConfig.from_pretrained(enc).to_dict(), sort_keys=True, default=str)
+            if hashlib.sha256(config.encode()).hexdigest() != meta["config_sha256"]:
+                raise ValueError(f"{path}: the encoder's config changed since its features were cached; extract again")
+        caches[name] = (TargetCache(os.path.join(cache_dir, name), latent_tokens), meta["width"])
+    return caches
+
+
+@dataclasses.dataclass
+class FeaturesConfig:
+    """Cache the pooled patch features of the query images for each frozen vision encoder (REPA targets)."""
+    encoders: str = dataclasses.field(default="", metadata={"help": "comma-separated encoder directories"})
+    data: str = dataclasses.field(default="", metadata={"help": "training JSONL"})
+    latent_tokens: int = dataclasses.field(default=36, metadata={"help": "K: features pooled to sqrt(K) x sqrt(K)"})
+    cache_dir: str = dataclasses.field(default="align_cache", metadata={"help": "writes CACHE_DIR/<encoder>/K{K}/"})
+    batch_size: int = dataclasses.field(default=16, metadata={"help": "images per encoder call"})
+    skip_bad: bool = dataclasses.field(default=False, metadata={"help": "skip (and count) bad lines/images"})
+
+
+def extract_features(cfg: FeaturesConfig):
+    """Every example with a latent span gets (K, C) per encoder under its id, one shard file per encoder and
+    run (written atomically); examples already cached are skipped."""
+    from safetensors.torch import save_file
+    rows, skipped = read_jsonl(cfg.data, cfg.skip_bad)
+    for enc in filter(None, cfg.encoders.split(",")):
+        encoder, processor = load_encoder(enc)
+        out = os.path.join(cfg.cache_dir, encoder_name(enc))
+        cache = TargetCache(out, cfg.latent_tokens)
+        todo, bad, feats = [r for r in rows if PLACEHOLDER in r["response"] and r["id"] not in cache], \
+            BadExamples(cfg.skip_bad), {}
+        for i in range(0, len(todo), cfg.batch_size):
+            batch, images = [], []
+            for r in todo[i:i + cfg.batch_size]:
+                with bad.guard():
+                    images.append(open_image(r, "image"))
+                    batch.append(r)
+            if batch:
+                feats.update(zip([r["id"] for r in batch],
+                                 pooled_features(encoder, processor, images, cfg.latent_tokens).contiguous()))
+        os.makedirs(cache.dir, exist_ok=True)
+        if feats:
+            path = os.path.join(cache.dir, f"shard_{len(os.listdir(cache.dir)):05d}.safetensors")
+            save_file(feats, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        meta = provenance(enc, encoder, cfg.latent_tokens)
+        atomic_write_text(os.path.join(out, "encoder.json"), json.dumps(meta, indent=2) + "\n")
+        skipped += bad.count
+        print(f"align features [{encoder_name(enc)}]: {len(feats)} extracted, {bad.count} skipped -> {cache.dir}")
+    return skipped
+
+
+class AlignedDataset(torch.utils.data.Dataset):
+    """A GAPDataset whose items also carry `align_targets` (S*K, sum of C): every encoder's cached (K, C)
+    features, side by side, repeated for each of the example's S spans (every step aligns with the query image)."""
+
+    def __init__(self, dataset, caches):
+        self.dataset, self.caches = dataset, caches
+
+    def __getattr__(self, name):  # rows, spec, skipped, keeps_latent, ... of the wrapped data set
+        if name == "dataset":  # not set yet (unpickling in a spawned loader worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        if "error" in item:
+            return item
+        row, n_spans = self.dataset.rows[i], int((item["input_ids"] == self.dataset.latent_ids["start"]).sum())
+        item["align_targets"] = None
+        if n_spans:
+            try:
+                feats = torch.cat([cache.get(row["id"]) for cache, _ in self.caches.values()], dim=1)  # (K, sum C)
+            except KeyError as e:
+                err = DataError(row["_file"], row["_line"], "image", str(e))
+                if not self.dataset.return_errors:
+                    raise err from None
+                return dict(id=row["id"], error=str(err))
+            item["align_targets"] = feats.repeat(n_spans, 1)
+        return item
+
+
+def build(cfg, backbone, dataset, from_stage_one=False):
+    """The Aligner for train.py's flags (--align_encoders, --align_cache, --align_layer, --align_dim,
+    --align_text) and the data set wrapped to carry its targets. from_stage_one: the projectors start from
+    --model's align.safetensors (written by a stage-1 run) when it has one."""
+    from safetensors.torch import load_file
+    encoders = [e for e in cfg.align_encoders.split(",") if e]
+    if not encoders:
+        raise ValueError("--align repa needs --align_encoders (comma-separated encoder directories)")
+    caches = open_caches(cfg.align_cache, encoders, cfg.latent_tokens)
+    n_layers = backbone.config.text_config.num_hidden_layers
+    layer = cfg.align_layer or n_layers // 2
+    if not 1 <= layer <= n_layers:
+        raise ValueError(f"--align_layer {layer} is not a decoder layer (1..{n_layers})")
+    aligner = Aligner(backbone.config.text_config.hidden_size, {n: w for n, (_, w) in caches.items()}, cfg.align_dim,
+                      layer, cfg.align_text)
+    path = os.path.join(cfg.model, "align.safetensors")
+    if from_stage_one and os.path.exists(path):
+        aligner.load_state_dict(load_file(path))
+    return aligner, AlignedDataset(dataset, caches)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the projectors and the loss
+
+def step_text(input_ids, labels, latent_ids):
+    """(B, T) bool: text tokens of a reasoning step, i.e. supervised tokens after a <|latent_end|> up to the next
+    <|latent_start|> or the end of the response. (B, T) long: the index of the span each one follows, counted
+    over the batch in row-major order (the order of the latent targets)."""
+    B, T = input_ids.shape
+    flat, lab = input_ids.reshape(-1), labels.reshape(-1)
+    idx = torch.arange(flat.numel(), device=flat.device)
+    is_end, is_pad = flat == latent_ids["end"], flat == latent_ids["pad"]
+    closes = (flat == latent_ids["start"]) | ((lab == -100) & ~is_end & ~is_pad)  # a new span, or no response
+    opened = torch.where(is_end, idx, -1).cummax(0).values
+    closed = torch.where(closes, idx, -1).cummax(0).values
+    text = (opened > closed) & ~is_end
+    span = is_end.long().cumsum(0) - 1
+    return text.reshape(B, T), span.reshape(B, T)
+
+
+def n_positions(input_ids, labels, latent_ids, text):
+    """How many positions a batch aligns: its latent slots, plus with `text` its step-text tokens."""
+    n = int((input_ids == latent_ids["pad"]).sum())
+    return n + (int(step_text(input_ids, labels, latent_ids)[0].sum()) if text else 0)
+
+
+class Aligner(nn.Module):
+    """One projector per encoder, d -> hidden -> hidden -> C_e (SiLU between), and the REPA loss over them."""
+
+    def __init__(self, d, widths: dict, hidden=2048, layer=1, text=False):
+        super().__init__()
+        self.widths, self.layer, self.text = dict(widths), layer, text
+        self.proj = nn.ModuleDict({name: nn.Sequential(nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+                                                       nn.SiLU(), nn.Linear(hidden, c)) for name, c in widths.items()})
+
+    def forward(self, h, input_ids, labels, latent_ids, align_targets):
+        """h (B, T, D): hidden states of the aligned layer; align_targets (N_slots, sum C) in slot order.
+        Returns align_sum: the sum over aligned positions of -cos(projector(h), feature), averaged over encoders
+        (the caller divides by the global n_positions), and n_align."""
+        slots = input_ids == latent_ids["pad"]  # (B, T)
+        n_slots = int(slots.sum())
+        if align_targets is None:
+            if n_slots:
+                raise ValueError(f"{n_slots} latent slots but no align_targets")
+            align_targets = h.new_zeros(0, sum(self.widths.values()))
+        if align_targets.shape[0] != n_slots:
+            raise ValueError(f"align_targets has {align_targets.shape[0]} rows for {n_slots} latent slots")
+        states, targets = h[slots], align_targets.float()  # (N, D), (N, sum C)
+        if self.text:
+            text, span = step_text(input_ids, labels, latent_ids)
+            K = n_slots // max(int(((input_ids == latent_ids["end"]).sum())), 1)
+            step_targets = targets.reshape(-1, K, targets.shape[-1]).mean(1) if n_slots else targets  # (S, sum C)
+            states, targets = torch.cat([states, h[text]]), torch.cat([targets, step_targets[span[text]]])
+        total, offset = 0.0, 0
+        for name, c in self.widths.items():  # every projector runs, also on no rows, so DDP / FSDP see it
+            z = self.proj[name](states.float())  # (N, C)
+            total = total - F.cosine_similarity(z, targets[:, offset:offset + c], dim=-1).sum()
+            offset += c
+        return dict(align_sum=total / len(self.widths), n_align=torch.tensor(states.shape[0]))
+
+
+if __name__ == "__main__":
+    from common import run_main
+    run_main(extract_features, parse_config(FeaturesConfig))
