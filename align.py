@@ -20,13 +20,15 @@ import hashlib
 import json
 import math
 import os
+import socket
+import uuid
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import BadExamples, DataError, atomic_write_text, parse_config
-from data import PLACEHOLDER, TargetCache, open_image, read_jsonl
+from common import BadExamples, DataError, atomic_write_text, file_hash, fsync_dir, parse_config
+from data import PLACEHOLDER, TargetCache, open_image, read_jsonl, resolve
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,18 +73,18 @@ def open_caches(cache_dir, encoder_dirs, latent_tokens):
         name = encoder_name(enc)
         path = os.path.join(cache_dir, name, "encoder.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no feature cache of encoder {enc}; run align.py to write it")
+            raise DataError(f"{path}: no feature cache of encoder {enc}; run align.py to write it")
         with open(path) as f:
             meta = json.load(f)
         if meta["encoder"] != os.path.abspath(enc) or meta["latent_tokens"] != latent_tokens:
-            raise ValueError(f"{path}: written for {meta['encoder']} K={meta['latent_tokens']}, not for "
+            raise DataError(f"{path}: written for {meta['encoder']} K={meta['latent_tokens']}, not for "
                              f"{os.path.abspath(enc)} K={latent_tokens}")
         config_path = os.path.join(enc, "config.json")
         if os.path.exists(config_path):
             from transformers import AutoConfig
             config = json.dumps(AutoConfig.from_pretrained(enc).to_dict(), sort_keys=True, default=str)
             if hashlib.sha256(config.encode()).hexdigest() != meta["config_sha256"]:
-                raise ValueError(f"{path}: the encoder's config changed since its features were cached; extract again")
+                raise DataError(f"{path}: the encoder's config changed since its features were cached; extract again")
         caches[name] = (TargetCache(os.path.join(cache_dir, name), latent_tokens), meta["width"])
     return caches
 
@@ -106,24 +108,31 @@ def extract_features(cfg: FeaturesConfig):
     for enc in filter(None, cfg.encoders.split(",")):
         encoder, processor = load_encoder(enc)
         out = os.path.join(cfg.cache_dir, encoder_name(enc))
-        cache = TargetCache(out, cfg.latent_tokens)
-        todo, bad, feats = [r for r in rows if PLACEHOLDER in r["response"] and r["id"] not in cache], \
-            BadExamples(cfg.skip_bad), {}
+        meta = provenance(enc, encoder, cfg.latent_tokens)
+        cache = TargetCache(out, cfg.latent_tokens, meta)  # refuses features of another encoder config or K
+        os.makedirs(cache.dir, exist_ok=True)
+        atomic_write_text(cache.info_path, json.dumps(meta, indent=2) + "\n")
+        bad, todo, feats = BadExamples(cfg.skip_bad), [], {}
+        for r in rows:  # features are stored under "{id}/{content hash of the query image}": an edited one is redone
+            if PLACEHOLDER in r["response"]:
+                with bad.guard():
+                    h = file_hash(resolve(r, "image"))
+                    if not cache.has(r["id"], h):
+                        todo.append((r, h))
         for i in range(0, len(todo), cfg.batch_size):
             batch, images = [], []
-            for r in todo[i:i + cfg.batch_size]:
+            for r, h in todo[i:i + cfg.batch_size]:
                 with bad.guard():
                     images.append(open_image(r, "image"))
-                    batch.append(r)
+                    batch.append(f"{r['id']}/{h}")
             if batch:
-                feats.update(zip([r["id"] for r in batch],
-                                 pooled_features(encoder, processor, images, cfg.latent_tokens).contiguous()))
-        os.makedirs(cache.dir, exist_ok=True)
-        if feats:
-            path = os.path.join(cache.dir, f"shard_{len(os.listdir(cache.dir)):05d}.safetensors")
+                feats.update(zip(batch, pooled_features(encoder, processor, images, cfg.latent_tokens).contiguous()))
+        if feats:  # this writer's own file name: parallel runs never overwrite each other
+            path = os.path.join(cache.dir, f"shard_{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                                           f".safetensors")
             save_file(feats, path + ".tmp")
             os.replace(path + ".tmp", path)
-        meta = provenance(enc, encoder, cfg.latent_tokens)
+            fsync_dir(path)
         atomic_write_text(os.path.join(out, "encoder.json"), json.dumps(meta, indent=2) + "\n")
         skipped += bad.count
         print(f"align features [{encoder_name(enc)}]: {len(feats)} extracted, {bad.count} skipped -> {cache.dir}")
@@ -153,7 +162,8 @@ class AlignedDataset(torch.utils.data.Dataset):
         item["align_targets"] = None
         if n_spans:
             try:
-                feats = torch.cat([cache.get(row["id"]) for cache, _ in self.caches.values()], dim=1)  # (K, sum C)
+                h = file_hash(resolve(row, "image"))
+                feats = torch.cat([cache.get(row["id"], h) for cache, _ in self.caches.values()], dim=1)  # (K, sum C)
             except KeyError as e:
                 err = DataError(row["_file"], row["_line"], "image", str(e))
                 if not self.dataset.return_errors:
@@ -170,12 +180,12 @@ def build(cfg, backbone, dataset, from_stage_one=False):
     from safetensors.torch import load_file
     encoders = [e for e in cfg.align_encoders.split(",") if e]
     if not encoders:
-        raise ValueError("--align repa needs --align_encoders (comma-separated encoder directories)")
+        raise DataError("--align repa needs --align_encoders (comma-separated encoder directories)")
     caches = open_caches(cfg.align_cache, encoders, cfg.latent_tokens)
     n_layers = backbone.config.text_config.num_hidden_layers
     layer = cfg.align_layer or n_layers // 2
     if not 1 <= layer <= n_layers:
-        raise ValueError(f"--align_layer {layer} is not a decoder layer (1..{n_layers})")
+        raise DataError(f"--align_layer {layer} is not a decoder layer (1..{n_layers})")
     aligner = Aligner(backbone.config.text_config.hidden_size, {n: w for n, (_, w) in caches.items()}, cfg.align_dim,
                       layer, cfg.align_text)
     path = os.path.join(cfg.model, "align.safetensors")

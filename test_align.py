@@ -18,7 +18,8 @@ import torch.nn.functional as F
 import align
 import latent_loop
 from conftest import ENV, HERE, K, biased, make_gap, prompts, run, write_jsonl
-from data import DataSpec, GAPDataset, collate, read_jsonl, open_image
+from common import DataError, file_hash
+from data import DataSpec, GAPDataset, collate, open_image, read_jsonl, resolve
 from losses import IGNORE
 
 
@@ -77,11 +78,11 @@ def test_cached_features_are_the_pooled_patch_grid(world, enc):
                 states = model(pixel_values=pixels).last_hidden_state[0]  # (prefix + 16, C)
             assert states.shape[0] == prefix + 16
             expected = manual_pool(states[prefix:].reshape(4, 4, -1), 2)
-            torch.testing.assert_close(caches[os.path.basename(path)][0].get(row["id"]), expected)
+            torch.testing.assert_close(caches[os.path.basename(path)][0].get(row["id"], file_hash(resolve(row, "image"))), expected)
     other = enc["root"] / "other" / "dinov2"
     os.makedirs(other.parent)
     os.symlink(enc["encoders"][0], other)
-    with pytest.raises(ValueError, match="written for .*dinov2 K=4, not for .*other/dinov2"):
+    with pytest.raises(DataError, match="written for .*dinov2 K=4, not for .*other/dinov2"):
         align.open_caches(enc["cache"], [str(other)], K)
 
 
@@ -127,10 +128,10 @@ def test_repa_loss_equals_an_independent_computation(world, enc, text):
         g.states(embeds, b["attention_mask"], pos)
         hook.remove()
     h = seen[0]
-    ids, rows = b["input_ids"], [read_jsonl(enc["two"])[0][i]["id"] for i in (0, 1)]
+    ids, rows = b["input_ids"], [read_jsonl(enc["two"])[0][i] for i in (0, 1)]
     per_encoder = []
     for name, (cache, _) in caches.items():
-        feats = [cache.get(r) for r in rows]  # (K, C) per example
+        feats = [cache.get(r["id"], file_hash(resolve(r, "image"))) for r in rows]  # (K, C) per example
         total = 0.0
         for r in range(2):
             slots = (ids[r] == g.pad_id).nonzero()[:, 0].tolist()

@@ -13,7 +13,7 @@ import torch
 
 import latent_loop
 from conftest import K, biased, prompts, write_jsonl
-from data import (PLACEHOLDER, DataError, DataSpec, GAPDataset, TargetCache, TargetsConfig, aux_targets, collate,
+from data import (PLACEHOLDER, DataError, DataSpec, GAPDataset, TargetCache, TargetsConfig, aux_hash, aux_targets, collate,
                   extract_targets, open_image, read_jsonl)
 from losses import IGNORE
 
@@ -54,10 +54,10 @@ def test_targets_are_each_spans_aux_image_in_order(gap, spans):
         paths = row["aux_image"] if isinstance(row["aux_image"], list) else [row["aux_image"]] * n
         images = [open_image(dict(row, aux_image=p), "aux_image") for p in paths]
         expected = aux_targets(g.backbone, image_processor, images, K).flatten(0, 1)  # (S*K, d)
-        got = spans["cache"].get(row["id"])
+        got = spans["cache"].get(row["id"], aux_hash(row))
         assert got.shape[0] == n * K
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    first = spans["cache"].get("two0")
+    first = spans["cache"].get("two0", aux_hash(read[0]))
     assert (first[:K] - first[K:]).abs().max() > 1e-4, "two different aux images must give different targets"
 
 
