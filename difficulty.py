@@ -233,7 +233,7 @@ def main(cfg: DifficultyConfig):
                 lines = score_chunk(gap, tokenizer, image_processor, chunk, cfg, bad)
                 # a chunk cut by a kill is sampled again whole, only its missing lines written
                 write("".join(line for r, line in zip(chunk, lines) if r["id"] not in done))
-        else:
+        elif todo:  # (nothing to do: every result is there and only the merge runs; no model was loaded)
             left = [r for c in todo for r in c if r["id"] not in done]
             for line in tqdm(score_continuous(gap, tokenizer, image_processor, left, cfg, bad), desc="difficulty",
                              unit="example", total=len(left), disable=rank != 0):
