@@ -8,16 +8,13 @@ frozen encoders, self-fed training latents equal to the generation loop's, the g
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import align
 import latent_loop
-from conftest import ENV, HERE, K, biased, make_gap, prompts, run, write_jsonl
+from conftest import K, SAVE_FIRST_GRADS, biased, make_gap, prompts, run, torchrun, write_jsonl
 from common import DataError, file_hash
 from data import DataSpec, GAPDataset, collate, open_image, read_jsonl, resolve
 from losses import IGNORE
@@ -210,39 +207,15 @@ def test_self_fed_training_latents_equal_the_loops(world, gap):
 # ----------------------------------------------------------------------------------------------------------
 # torchrun: the gradients with the projectors; stage 1 -> stage 2 -> infer
 
-DRIVER = """
+DRIVER = SAVE_FIRST_GRADS + """
 import os, sys
-import torch
 import train
 out, argv = sys.argv[1], sys.argv[2:]
 rank = int(os.environ.get("RANK", 0))
-cfg = train.parse_config(train.TrainConfig, argv)
-real_optimizer_for = train.optimizer_for
-def optimizer_for(gap, cfg):  # the first optimizer step's gradients, gathered to full tensors, saved by rank 0
-    opt = real_optimizer_for(gap, cfg)
-    def save_grads(optimizer, args, kwargs):
-        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-                 for n, p in gap.named_parameters() if p.grad is not None}
-        if rank == 0 and not os.path.exists(out):
-            torch.save(grads, out)
-    opt.register_step_pre_hook(save_grads)
-    return opt
-train.optimizer_for = optimizer_for
-train.main(cfg)
+save_first_grads(train, out, rank)
+train.main(train.parse_config(train.TrainConfig, argv))
 print(f"driver done on rank {rank}", flush=True)
 """
-
-
-def torchrun(args, nproc):
-    """As test_train.py's launcher: a run in which every rank finished and only gloo's C++ teardown aborted
-    counts as a success (seen about 1 launch in 5 on a 2-core machine)."""
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-                if nproc > 1 else [sys.executable])
-    p = subprocess.run(launcher + list(map(str, args)), cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
-    done = all(f"driver done on rank {r}" in p.stdout for r in range(nproc))
-    aborted = "terminate called without an active exception" in p.stdout + p.stderr
-    assert p.returncode == 0 or (done and aborted), f"run failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p
 
 
 def valr_flags(world, enc, stage=2):

@@ -14,7 +14,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 import latent_loop
-from conftest import ENV, HERE, K, biased, prompts, run, write_jsonl
+from conftest import ENV, HERE, K, biased, prompts, run, sampled_and_recomputed, write_jsonl
 from data import DataError, DataSpec, GAPDataset, TargetsConfig, collate, extract_targets, read_jsonl
 from losses import IGNORE
 from model import add_latent_tokens, load_backbone, load_checkpoint, save_checkpoint
@@ -31,23 +31,7 @@ def generated(world, gap):
     read from latent_steps, and an uncached recompute of the whole sequence for comparison."""
     g, tokenizer, image_processor = gap
     batch = prompts(world, tokenizer, image_processor, ["How many red circles are there?", "How many?"], (0,))
-    with biased(g.backbone, g.start_id, 5.0):  # the random model opens spans now and then
-        steps = list(latent_loop.latent_steps(*loop_args(g, batch), max_new_tokens=32, temperature=1.0,
-                                              generator=torch.Generator().manual_seed(3)))
-        fed = [s for s in steps if s.fed is not None]
-        out = dict(tokens=torch.stack([s.token for s in steps], 1), logits=torch.stack([s.logits for s in steps], 1),
-                   slots=torch.stack([s.slot for s in steps], 1), embeds=torch.stack([s.fed for s in fed], 1),
-                   positions=torch.stack([s.position for s in fed], 2))
-        with torch.no_grad():  # uncached: prompt + every fed step at once, at the loop's own positions
-            prompt = latent_loop.embed_inputs(g.backbone, batch["input_ids"], batch["pixel_values"],
-                                              batch["image_grid_thw"])
-            prompt_pos = latent_loop.rope_positions(g.backbone, batch["input_ids"], batch["attention_mask"],
-                                                    batch["image_grid_thw"])
-            S = out["embeds"].shape[1]
-            mask = torch.cat([batch["attention_mask"], torch.ones(2, S, dtype=torch.long)], 1)
-            h = g.states(torch.cat([prompt, out["embeds"]], 1), mask, torch.cat([prompt_pos, out["positions"]], 2))
-            full = dict(h=h, logits=g.backbone.lm_head(h).float(), T=prompt.shape[1])
-    return dict(batch=batch, out=out, full=full)
+    return sampled_and_recomputed(g, batch, bias=5.0, seed=3)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ from PIL import Image
 
 from common import DataError
 from conftest import ENV, HERE, K, run, write_jsonl
-from data import (DataSpec, GAPDataset, TargetCache, TargetsConfig, aux_hash, aux_targets, cache_info,
-                  extract_targets, open_image, read_jsonl, to_rgb)
-from model import add_latent_tokens, load_backbone
+from data import (DataSpec, GAPDataset, TargetCache, TargetsConfig, aux_targets, extract_targets, open_image,
+                  read_jsonl, to_rgb)
+from model import load_backbone
 
 
 def copy_world(world, tmp_path, n=None):

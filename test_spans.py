@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import latent_loop
-from conftest import K, biased, prompts, write_jsonl
+from conftest import K, prompts, sampled_and_recomputed, write_jsonl
 from data import (PLACEHOLDER, DataError, DataSpec, GAPDataset, TargetCache, TargetsConfig, aux_hash, aux_targets, collate,
                   extract_targets, open_image, read_jsonl)
 from losses import IGNORE
@@ -129,25 +129,7 @@ def generated(world, gap):
     uncached recompute of prompt + every fed step."""
     g, tokenizer, image_processor = gap
     batch = prompts(world, tokenizer, image_processor, ["How many red circles are there?", "How many?"])
-    with biased(g.backbone, g.start_id, 3.0):
-        steps = list(latent_loop.latent_steps(g.backbone, g.head, g.latent_ids, K, batch["input_ids"],
-                                              batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
-                                              max_new_tokens=32, temperature=1.0,
-                                              generator=torch.Generator().manual_seed(8)))
-        fed = [s for s in steps if s.fed is not None]
-        out = dict(tokens=torch.stack([s.token for s in steps], 1), logits=torch.stack([s.logits for s in steps], 1),
-                   slots=torch.stack([s.slot for s in steps], 1), embeds=torch.stack([s.fed for s in fed], 1),
-                   positions=torch.stack([s.position for s in fed], 2))
-        with torch.no_grad():
-            prompt = latent_loop.embed_inputs(g.backbone, batch["input_ids"], batch["pixel_values"],
-                                              batch["image_grid_thw"])
-            prompt_pos = latent_loop.rope_positions(g.backbone, batch["input_ids"], batch["attention_mask"],
-                                                    batch["image_grid_thw"])
-            S = out["embeds"].shape[1]
-            mask = torch.cat([batch["attention_mask"], torch.ones(2, S, dtype=torch.long)], 1)
-            h = g.states(torch.cat([prompt, out["embeds"]], 1), mask, torch.cat([prompt_pos, out["positions"]], 2))
-            full = dict(h=h, logits=g.backbone.lm_head(h).float(), T=prompt.shape[1])
-    return dict(batch=batch, out=out, full=full)
+    return sampled_and_recomputed(g, batch, bias=3.0, seed=8)
 
 
 def test_rows_hold_two_and_three_spans(generated, gap):

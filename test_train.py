@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import pca as pca_lib
-from conftest import ENV, HERE, K, make_gap, run, write_jsonl
+from conftest import ENV, HERE, K, SAVE_FIRST_GRADS, kill_tree, make_gap, run, stop, torchrun, write_jsonl
 from data import DataSpec, GAPDataset, collate, collate_packed, pack
 
-DRIVER = """
+DRIVER = SAVE_FIRST_GRADS + """
 import json, os, signal, sys, time
 import torch
 import data, model, train
@@ -41,18 +41,8 @@ def collate(self, items):  # runs in this process with --num_workers 0
     print(f"rank {rank}: {len(micro)} micro-batches", flush=True)
     return micro, errors
 data.StepCollate.__call__ = collate
-if mode == "grads":  # the first optimizer step's gradients, gathered to full tensors, saved by rank 0
-    real_optimizer_for = train.optimizer_for
-    def optimizer_for(gap, cfg):
-        opt = real_optimizer_for(gap, cfg)
-        def save_grads(optimizer, args, kwargs):  # runs before opt.step()
-            grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-                     for n, p in gap.named_parameters() if p.grad is not None}
-            if rank == 0 and not os.path.exists(out):
-                torch.save(grads, out)
-        opt.register_step_pre_hook(save_grads)
-        return opt
-    train.optimizer_for = optimizer_for
+if mode == "grads":
+    save_first_grads(train, out, rank)
     train.main(cfg)
     print(f"rank {rank} reduced gradients in: {sorted(reduced)}", flush=True)
 else:  # train.main, SIGKILLed on rank 0 after the state of step N is saved, or in the middle of that save; or
@@ -79,53 +69,6 @@ else:  # train.main, SIGKILLed on rank 0 after the state of step N is saved, or 
             json.dump(losses, f)
 print(f"driver done on rank {rank}", flush=True)
 """
-
-
-def torchrun(args, nproc=2, expect_ok=True, env=None, timeout=600):
-    """Launch the driver under torchrun (nproc > 1) or plain python. About 1 launch in 5 on the 2-core CI box a
-    gloo rank aborts in C++ teardown ("terminate called without an active exception", SIGABRT) after the
-    process group is destroyed; a launch in which every rank got past its work (printed "driver done") and
-    then only that abort happened counts as a success. Never relaunched: a resumed run is not idempotent."""
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-                if nproc > 1 else [sys.executable])
-    proc = subprocess.Popen(launcher + list(map(str, args)), cwd=HERE, env=dict(ENV, **(env or {})),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        stop([proc])  # after a timeout: the launcher and its workers
-    p = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    done = all(f"driver done on rank {r}" in p.stdout for r in range(nproc))
-    teardown_abort = "terminate called without an active exception" in p.stdout + p.stderr
-    if expect_ok:
-        assert p.returncode == 0 or (done and teardown_abort), f"run failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p
-
-
-def kill_tree(pid):
-    """SIGKILL a process and all its descendants: torchrun starts each worker in a session of its own, so a
-    process-group kill of the launcher would leave them running."""
-    import signal
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for child in children:
-        kill_tree(int(child))
-
-
-def stop(launchers, logs=()):
-    """Kill the launchers still running, with their workers (after a failure or a timeout too: no orphan is
-    left); returns the text of their logs, printed (pytest shows it when the test fails)."""
-    for p in launchers:
-        if p.poll() is None:  # still ours (an exited process's pid may be another's by now)
-            kill_tree(p.pid)
-            p.wait()
-    outputs = [log.seek(0) or log.read() for log in logs]
-    if outputs:
-        print(*(o[-4000:] for o in outputs), sep="\n----\n")
-    return outputs
 
 
 @pytest.fixture(scope="module")
