@@ -42,7 +42,8 @@ from latent_head import calibrate, ema_norm
 
 DONE = -100  # the token recorded for a row after its stop token
 TEXT = -1  # slot of a row that samples text
-MODES = ("model", "zero", "noise")  # latent feedback: the head's latents | span banned | Gaussian PCA latents
+MODES = ("model", "zero", "noise", "given")  # latent feedback: the head's latents | span banned | Gaussian PCA
+#                                              latents | the caller's (latent_steps' `given`: shuffled, oracle)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,14 +102,21 @@ class Step:
 @torch.no_grad()
 def latent_steps(model, head, latent_ids, latent_tokens, input_ids, attention_mask, pixel_values=None,
                  image_grid_thw=None, *, max_new_tokens=512, temperature=0.0, top_p=1.0, latent_mode="model",
-                 norm_calib="none", ema_beta=0.0, num_samples=1, stop_ids=(), generator=None, compile_step=False):
+                 norm_calib="none", ema_beta=0.0, num_samples=1, stop_ids=(), generator=None, compile_step=False,
+                 given=None):
     """Yield one Step per generated token of a batch of left-padded prompts input_ids / attention_mask (B, T).
     latent_ids: {start, pad, end}; latent_tokens: K (0: no spans, <|latent_start|> banned).
-    latent_mode: model | zero (<|latent_start|> banned) | noise (head.noise(n): Gaussian PCA coefficients).
+    latent_mode: model | zero (<|latent_start|> banned) | noise (head.noise(n): Gaussian PCA coefficients) |
+    given: `given` (B, K, D) is fed instead, slot k of every span of prompt b getting given[b, k] (the content
+    controls: another example's latents, or the true aux-image targets); the row still opens spans itself.
     norm_calib: none | ema (each latent rescaled to ema_norm(query-image embedding norms, ema_beta) of its row).
     generator: one torch.Generator, or a list of one per row (module docstring, "Sampling").
     compile_step: the decoder step through torch.compile (README "Inference speed" says where it is faster)."""
     check_modes(latent_mode, norm_calib)
+    if (latent_mode == "given") != (given is not None):
+        raise ValueError("latent_mode='given' and the `given` latents (B, K, D) go together")
+    if given is not None and tuple(given.shape[:2]) != (input_ids.shape[0], latent_tokens):
+        raise ValueError(f"given latents {tuple(given.shape)}, expected ({input_ids.shape[0]}, K={latent_tokens}, D)")
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded (the last column real in every row): with right padding a "
                          "row's next token would follow its padding")
@@ -122,6 +130,7 @@ def latent_steps(model, head, latent_ids, latent_tokens, input_ids, attention_ma
     slot = torch.where(input_ids[:, -1] == latent_ids["start"], 0, TEXT)  # a prompt may end inside a span
     h_last, next_pos, slot = (x.repeat_interleave(num_samples, dim=0) for x in (h_last, next_pos, slot))
     n_ema = n_ema.repeat_interleave(num_samples) if n_ema is not None else None
+    given = given.repeat_interleave(num_samples, dim=0).to(h_last.device) if given is not None else None
     rules = Rules(model, latent_ids, latent_tokens, latent_mode, stop_ids)
     step_fn = step_function(compile_step, h_last.device)
     done = torch.zeros(n_rows, dtype=torch.bool, device=h_last.device)
@@ -133,6 +142,8 @@ def latent_steps(model, head, latent_ids, latent_tokens, input_ids, attention_ma
             return
         # 3. feed it: the token's embedding, or in a span the latent predicted from the previous state
         fed = feed(model, head, token, h_last, in_span, latent_mode, n_ema, generator)
+        if given is not None and bool(in_span.any()):  # the caller's latents, slot by slot
+            fed[in_span] = given[in_span, slot[in_span]].to(fed.dtype)
         position = next_pos.expand(3, n_rows)  # (3, R)
         yield Step(token, logits, slot, fed, position)
         slot = next_slot(rules, slot, token, in_span, closing)
@@ -357,6 +368,8 @@ def continuous_steps(model, head, latent_ids, latent_tokens, prompts, rows, *, m
     are used up). Each job gets the tokens and logits of latent_steps on its prompt alone; its draws come from
     `generator`: shared (then they depend on the schedule), or a list of one per job (then they do not)."""
     check_modes(latent_mode, norm_calib)
+    if latent_mode == "given":
+        raise ValueError("latent_mode='given' is a latent_steps option (static batches)")
     n_jobs = len(prompts) * num_samples
     if isinstance(generator, (list, tuple)) and len(generator) != n_jobs:
         raise ValueError(f"{len(generator)} generators for {n_jobs} jobs: give one per job, or one shared")

@@ -179,3 +179,28 @@ def test_per_row_generators_sample_the_same_in_any_schedule(gap, mix):
         assert len(tokens) == LIMITS[i // 2] or tokens[-1] == STOP
     for i in range(len(QUESTIONS)):
         assert out[2 * i] != out[2 * i + 1], f"the samples of prompt {i} are the same"
+
+
+def test_given_latents_are_fed_slot_by_slot(world, gap, mix):
+    """latent_mode given (the shuffled and oracle controls of toy.py): feeding back the latents model mode fed
+    gives model mode's tokens; other latents are fed exactly, slot k of a span getting given[b, k]."""
+    g = gap[0]
+    b = mix["batch"]
+    args = (*loop_args(g), b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
+    K = g.latent_tokens
+    own = list(latent_loop.latent_steps(*args, max_new_tokens=16, stop_ids=[STOP]))
+    span = [s for s in own if s.fed is not None and 0 <= int(s.slot[2]) < K]  # prompt 2 opens with a span
+    assert len(span) >= K
+    given = torch.randn(len(QUESTIONS), K, g.backbone.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    given[2] = torch.stack([s.fed[2] for s in span[:K]])
+    again = list(latent_loop.latent_steps(*args, max_new_tokens=16, stop_ids=[STOP], latent_mode="given", given=given))
+    assert torch.equal(torch.stack([s.token for s in again]), torch.stack([s.token for s in own]))
+    other = given.clone()
+    other[2] = torch.randn(K, other.shape[-1], generator=torch.Generator().manual_seed(1)) * 10
+    steps = list(latent_loop.latent_steps(*args, max_new_tokens=16, stop_ids=[STOP], latent_mode="given", given=other))
+    fed = [s.fed[2] for s in steps if s.fed is not None and 0 <= int(s.slot[2]) < K][:K]
+    torch.testing.assert_close(torch.stack(fed), other[2])
+    with pytest.raises(ValueError, match="given"):
+        list(latent_loop.latent_steps(*args, max_new_tokens=4, latent_mode="given"))
+    with pytest.raises(ValueError, match="given latents"):
+        list(latent_loop.latent_steps(*args, max_new_tokens=4, latent_mode="given", given=given[:, :1]))
