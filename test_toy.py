@@ -1,19 +1,26 @@
-"""Tests of the toy world (toy.py): the generator (seeded, no repeats across splits, files present, GAP response
-format) and the whole pipeline at --quick size in a subprocess, so the one-command run does not rot.
+"""Tests of the toy world (toy.py) and its statistics (stats.py): the generator (seeded, no repeats across splits,
+files present, GAP response format), the invariants that make its controls mean something (the aux image is
+evidence that varies within an answer class, the parser text never states the answer, the 7B norm regime is
+set and keeps every logit), and the whole --quick --full grid in a subprocess with every number of
+results.json recomputed from the files the stages wrote.
 
-    python -m pytest test_toy.py -q
+    python -m pytest -q test_toy.py
 """
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
+import stats
 import toy
+import toy_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SIZES = dict(pretrain=12, train=240, val=6, test=15)
 
 
 def _read(path):
@@ -24,155 +31,214 @@ def _read(path):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    return out, toy.write_world(str(out), 30, 6, 15, seed=3)
+    return out, toy_world.write_world(str(out), SIZES, seed=3)
 
 
 def test_world_is_seeded(world, tmp_path):
     out, paths = world
-    again = toy.write_world(str(tmp_path), 30, 6, 15, seed=3)
+    again = toy_world.write_world(str(tmp_path), SIZES, seed=3)
     for split in paths:
         assert _read(paths[split]) == _read(again[split])
         for r in _read(paths[split])[:5]:
             for key in ("image", "aux_image"):
                 with open(os.path.join(out, r[key]), "rb") as a, open(os.path.join(tmp_path, r[key]), "rb") as b:
                     assert a.read() == b.read(), f"{split}/{r['id']}: {key} differs between two seeded runs"
-    other = toy.write_world(str(tmp_path / "other"), 30, 6, 15, seed=4)
+    other = toy_world.write_world(str(tmp_path / "other"), SIZES, seed=4)
     assert _read(other["train"]) != _read(paths["train"])
 
 
 def test_world_format(world):
     out, paths = world
-    assert toy.check_world(paths) == 30 + 6 + 15  # raises on a repeated (image, question) or a missing file
+    assert toy_world.check_world(paths) == sum(SIZES.values())  # raises on a repeated (image, question) or missing file
     fams = set()
     for split, path in paths.items():
         for r in _read(path):
             fams.add(r["family"])
+            if split == "pretrain":  # the base answers directly
+                assert r["response"] == f"<answer>{r['answer']}</answer>"
+                continue
             assert r["response"].count("<latent>") == 1, r["response"]
             assert " <latent>" not in r["response"]  # a lone space before the span breaks latent_mode zero (toy.py)
-            assert r["response"].count("<parser>") == 1 and r["response"].count("</parser>") == 1
             assert r["response"].index("<latent>") < r["response"].index("<parser>") < r["response"].index("</parser>")
             assert r["response"].endswith(f"<answer>{r['answer']}</answer>")
-            for key in ("image", "aux_image"):
-                assert os.path.exists(os.path.join(out, r[key])), f"{split}/{r['id']}: {key} missing"
-    assert fams == set(toy.FAMILIES)
+    assert fams == set(toy_world.FAMILIES)
 
 
-def _cell_colours(path):
-    """{(row, col): colour name} of the non-white cells of a toy image, checking every cell is one flat colour."""
+def _cells(path, grid):
+    """{(row, col): colour name} of the non-white cells of a toy image split into grid x grid cells, checking
+    every cell is one flat colour."""
     from PIL import Image
-    names = {rgb: name for name, rgb in toy.INK.items()}
+    names = {rgb: name for name, rgb in toy_world.INK.items()}
     with Image.open(path) as im:
         im = im.convert("RGB")
+    cell = im.width // grid
     cells = {}
-    for r in range(im.height // toy.CELL):
-        for c in range(im.width // toy.CELL):
-            box = im.crop((c * toy.CELL, r * toy.CELL, (c + 1) * toy.CELL, (r + 1) * toy.CELL))
-            colours = box.getcolors()
+    for r in range(im.height // cell):
+        for c in range(im.width // cell):
+            colours = im.crop((c * cell, r * cell, (c + 1) * cell, (r + 1) * cell)).getcolors()
             assert len(colours) == 1, f"{path}: cell {(r, c)} is not one flat colour: {colours}"
             if colours[0][1] != (255, 255, 255):
                 cells[(r, c)] = names[colours[0][1]]
     return cells
 
 
-def test_aux_image_holds_the_answer(world):
-    """The auxiliary image makes the evidence explicit: the answer can be read off it (and off the query with
-    the question's rule), so a latent that reconstructs it carries what the answer needs."""
+def test_aux_image_is_the_evidence(world):
+    """The aux image shows what the answer needs, read back from its pixels: the two tallies (compare, total) or
+    the black cell's 2 x 2 block (neighbor) of the query image; the answer follows from it by the question's rule."""
     out, paths = world
     for split, path in paths.items():
         for r in _read(path):
-            query, aux = _cell_colours(os.path.join(out, r["image"])), _cell_colours(os.path.join(out, r["aux_image"]))
-            if r["family"] == "count":
-                colour = r["question"].split()[2]
-                n = list(query.values()).count(colour)
-                assert aux == {divmod(i, 4): colour for i in range(n)} and str(n) == r["answer"]  # lined up
-            elif r["family"] == "pattern":
-                assert set(aux.values()) == {r["answer"]} and len(aux) == len(query) + 1  # zoomed-in missing cell
-                (hole,) = {(i, j) for i in range(4) for j in range(4)} - set(query)
-                line = 0 if "row" in r["question"] else 1
-                assert {c for p, c in query.items() if p[line] == hole[line]} == {r["answer"]}
+            query = _cells(os.path.join(out, r["image"]), 4)
+            if r["family"] in ("compare", "total"):
+                a, b = re.search(r"(?:more|many) (\w+) (?:cells than|and) (\w+) cells", r["question"]).groups()
+                aux = _cells(os.path.join(out, r["aux_image"]), 4)
+                na, nb = list(query.values()).count(a), list(query.values()).count(b)
+                assert aux == {(0, i): a for i in range(na)} | {(2, i): b for i in range(nb)}
+                assert r["answer"] == (("yes" if na > nb else "no") if r["family"] == "compare" else str(na + nb))
             else:
-                assert set(aux.values()) == {r["answer"]} and len(aux) == 16  # the neighbour, zoomed in
+                aux = _cells(os.path.join(out, r["aux_image"]), 2)
                 (black,) = [p for p, c in query.items() if c == "black"]
-                dr, dc = (0, 1) if "right of" in r["question"] else (1, 0)
-                assert query[(black[0] + dr, black[1] + dc)] == r["answer"]
+                block = {(i, j): query[(black[0] + i, black[1] + j)] for i in (0, 1) for j in (0, 1)
+                         if (black[0] + i, black[1] + j) in query}
+                assert aux == block
+                assert r["answer"] == aux[(0, 1) if "right of" in r["question"] else (1, 0)]
 
 
-def test_world_no_cross_split_repeats(world):
-    """Repeats are checked on image pixels + question, independently of check_world's own bookkeeping."""
-    from PIL import Image
+def test_aux_images_vary_within_an_answer_class(world):
+    """No aux image is a code for its answer: every answer class of every family has several distinct aux images
+    (counted here from the image bytes, and as world_stats reports it)."""
     out, paths = world
-    owner = {}
-    for split, path in paths.items():
-        for r in _read(path):
-            with Image.open(os.path.join(out, r["image"])) as im:
-                key = (im.convert("RGB").tobytes(), r["question"])
-            assert owner.setdefault(key, split) == split, f"{r['id']} repeats across {owner[key]} and {split}"
+    by = {}
+    for r in _read(paths["train"]):
+        with open(os.path.join(out, r["aux_image"]), "rb") as f:
+            by.setdefault((r["family"], r["answer"]), set()).add(f.read())
+    assert {f for f, _ in by} == set(toy_world.FAMILIES)
+    assert min(len(v) for v in by.values()) >= 2, {k: len(v) for k, v in by.items()}
+    reported = toy_world.world_stats(paths["train"])
+    for fam in toy_world.FAMILIES:
+        mine = [len(v) for (f, _), v in by.items() if f == fam]
+        assert reported[fam]["min_aux_per_answer"] == min(mine) and reported[fam]["answers"] == len(mine)
 
 
-def test_check_world_catches_a_repeat(world, tmp_path):
+def test_parser_text_never_states_the_answer(world):
     out, paths = world
-    bad = dict(paths)
-    bad["val"] = str(os.path.join(out, "val_bad.jsonl"))
-    with open(paths["val"]) as f, open(bad["val"], "w") as g:
-        g.write(f.read())
-        g.write(open(paths["train"]).readline())
-    with pytest.raises(ValueError, match="repeats"):
-        toy.check_world(bad)
+    for split in ("train", "val", "test"):
+        for r in _read(paths[split]):
+            words = re.findall(r"\w+", toy_world.parser_text(r["response"]).lower())
+            assert r["answer"].lower() not in words, (r["id"], toy_world.parser_text(r["response"]))
 
 
-def test_scale_vision_scales_the_embeddings_exactly(tmp_path):
+def test_norm_regime_is_set_and_keeps_the_logits(world, tmp_path):
+    """set_norm_regime puts the final state at 8.6x the vision-embedding norm (within 20% on prompts it was not
+    set on) and leaves every logit as it was."""
     import torch
     import tiny
+    from data import read_jsonl
     from model import load_backbone
-    from data import process_image
-    model_dir = tiny.build_tiny(str(tmp_path / "tiny"), hidden=32, layers=1, texts=["a b c"] * 4)
-    image = toy._paint(toy._canvas(56), {(0, 0): "red", (2, 3): "black"})
-
-    def features():
-        backbone, _, proc = load_backbone(model_dir, "cpu", torch.float32)
-        with torch.no_grad():
-            return torch.cat(backbone.model.get_image_features(*process_image(proc, image)).pooler_output)
-
-    before = features()
+    out, paths = world
+    model_dir = tiny.build_tiny(str(tmp_path / "tiny"), hidden=64, layers=2, texts=toy_world.corpus(paths))
     toy.scale_vision(model_dir, 40.0)
-    torch.testing.assert_close(features(), 40.0 * before, rtol=1e-5, atol=1e-5)
+    rows = read_jsonl(paths["train"])[0]
+
+    def logits():
+        backbone, tok, ip = load_backbone(model_dir, "cpu", torch.float32)
+        b = toy.prompt_batch(tok, ip, rows[:6])
+        with torch.no_grad():
+            return backbone(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                            pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"]).logits
+
+    before = logits()
+    ratio, c = toy.set_norm_regime(model_dir, rows[:16], 8.6)
+    assert c > 2 and toy.norm_profile(model_dir, rows[:16])["ratio"] == pytest.approx(8.6, rel=1e-3)
+    assert abs(toy.norm_profile(model_dir, rows[100:132])["ratio"] / 8.6 - 1) < 0.2
+    torch.testing.assert_close(logits(), before, rtol=1e-4, atol=1e-4)
 
 
-def test_quick_pipeline(tmp_path):
-    """toy.py --quick end to end; every number in results.json is recomputed here from the files the stages
-    wrote (per-example evaluation results, the scored training data, the PCA basis)."""
-    import pca
-    from answers import answers_match, extract_answer
+def test_stats():
+    assert stats.mcnemar([1] * 10 + [0] * 2 + [1] * 5, [0] * 10 + [1] * 2 + [1] * 5) == (10, 2, 79 / 2048)
+    assert stats.mcnemar([1, 0], [1, 0]) == (0, 0, 1.0)
+    a, b = [1] * 60 + [0] * 40, [1] * 45 + [0] * 55
+    boot = stats.paired_bootstrap(a, b, n_boot=2000)
+    assert boot["diff"] == pytest.approx(0.15) and boot["lo"] < 0.15 < boot["hi"] and boot["p"] < 0.01
+    assert stats.paired_bootstrap(a, a, n_boot=200)["p"] == 1.0
+    assert stats.paired_bootstrap([1, 0] * 50, [0, 1] * 50, n_boot=2000)["p"] > 0.5  # same accuracy, unpaired items
+    assert stats.mean_sd([0.5, 0.7]) == pytest.approx((0.6, math.sqrt(0.02)))
+
+
+def test_quick_full_grid(tmp_path):
+    """toy.py --quick --full end to end; the numbers of results.json are recomputed here from the per-example
+    evaluation files, the scored training data and the validation runs."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "toy.py"), "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=HERE)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "toy.py"), "--quick", "--full", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(tmp_path / "results.json") as f:
         res = json.load(f)  # strict JSON: no NaN
     test = {r["id"]: r for r in _read(tmp_path / "data" / "test.jsonl")}
-    n = len(test)
-    assert res["n_test"] == n == toy.QUICK["n_test"]
-    ckpt = dict(base="base", model="gap", zero="gap", noise="gap", dense_caption="dense_caption", hidden="hidden")
-    mode = dict(model="model", zero="zero", noise="noise")
-    for variant in toy.MODES:
-        results = _read(tmp_path / "eval" / f"{ckpt[variant]}_{mode.get(variant, 'model')}.jsonl")
-        assert sorted(r["id"] for r in results) == sorted(test)
-        correct = [answers_match(extract_answer(r["response"]), test[r["id"]]["answer"], test[r["id"]]["question"])
-                   for r in results]
-        acc = sum(correct) / n
-        assert res["accuracy"][variant] == pytest.approx(acc)
-        assert res["stderr"][variant] == pytest.approx(math.sqrt(acc * (1 - acc) / n))
-        assert res["latent_rate"][variant] == pytest.approx(sum("<latent>" in r["response"] for r in results) / n)
-        for family in res["per_family"][variant]:
-            mine = [c for r, c in zip(results, correct) if test[r["id"]]["family"] == family]
-            assert res["per_family"][variant][family] == pytest.approx(sum(mine) / len(mine))
-    for variant in ("base", "zero", "dense_caption"):  # no span can be opened: banned, or never trained
-        assert res["latent_rate"][variant] == 0.0
+    seeds = res["seeds"]
+    assert seeds == [0, 1] and res["n_test"] == len(test) == toy.QUICK["n_test"]
+    # tau: the best GAP of the first seed on the validation split
+    val = {t: sum(r["correct"] for r in _read(tmp_path / "eval" / f"val_tau{t}.jsonl")) / toy.QUICK["n_val"]
+           for t in toy.floats(toy.QUICK["taus"])}
+    assert res["selection_on_val"] == {str(t): pytest.approx(a) for t, a in val.items()}
+    assert res["tau"] == max(val, key=val.get)
+    tau = res["tau"]
+    files = {"base": "base", "dense caption": "dense_s{s}", "GAP": f"pca_K4_tau{tau}_s{{s}}",
+             "GAP zero": f"pca_K4_tau{tau}_s{{s}}_zero", "GAP noise": f"pca_K4_tau{tau}_s{{s}}_noise",
+             "GAP shuffled": f"pca_K4_tau{tau}_s{{s}}_shuffled",
+             "GAP oracle": f"pca_K4_tau{tau}_s{{s}}_oracle", "hidden": f"hidden_K4_tau{tau}_s{{s}}",
+             "hidden + EMA": f"hidden_K4_tau{tau}_s{{s}}_ema", "full head": f"full_K4_tau{tau}_s{{s}}",
+             "GAP no DA": "pca_K4_tau1.0_s{s}", "GAP K=1": f"pca_K1_tau{tau}_s{{s}}"}
+    per_item = {}
+    for label, name in files.items():
+        v = res["variants"][label]
+        for s in seeds:
+            results = _read(tmp_path / "eval" / (name.format(s=s) + ".jsonl"))
+            assert sorted(r["id"] for r in results) == sorted(test)
+            per_item[label, s] = [r["correct"] for r in sorted(results, key=lambda r: r["id"])]
+            if label != "base":
+                assert v["seeds"][str(s)] == pytest.approx(sum(per_item[label, s]) / len(test))
+            if label in ("base", "dense caption", "GAP zero"):  # no span can be opened: never trained, or banned
+                assert not any("<latent>" in r["response"] for r in results)
+            if label == "GAP shuffled":
+                assert all(test[r["donor"]]["family"] == r["family"] and r["donor"] != r["id"]
+                           for r in results if "donor" in r)
+        accs = [sum(per_item[label, s]) / len(test) for s in seeds]
+        assert (v["mean"], v["sd"]) == pytest.approx(stats.mean_sd(accs))
+    for c in res["comparisons"]:
+        for m in c["mcnemar"]:
+            a = per_item[c["a"], m["seed"]] if c["a"] != "base" else per_item["base", seeds[0]]
+            b = per_item[c["b"], m["seed"]] if c["b"] != "base" else per_item["base", seeds[0]]
+            assert (m["n10"], m["n01"]) == (sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b)))
+        diff = sum(sum(per_item[c["a"], s]) - sum(per_item[c["b"], s]) for s in seeds) / len(seeds) / len(test)
+        assert c["diff"] == pytest.approx(diff)
     scored = _read(tmp_path / "data" / "train.scored.jsonl")
-    assert res["difficulty"]["n_latent"] == sum(r["accuracy"] <= res["difficulty"]["tau"] for r in scored)
+    for t, n in res["difficulty"]["kept_latent"].items():
+        assert n == sum(r["accuracy"] <= float(t) for r in scored)
     assert all(len(r["answers"]) == toy.QUICK["samples"] for r in scored)
-    basis = pca.load(tmp_path / "cache" / "pca.safetensors")
-    lam = basis["eigenvalues"].double()
-    assert res["pca"]["k"] == basis["k"] and res["pca"]["rel_mse"] == pytest.approx(
-        float(1 - lam[:basis["k"]].sum() / lam.sum()), rel=1e-5)
-    assert (tmp_path / "results.png").stat().st_size > 0
+    assert abs(res["norms"]["ratio"] / 8.6 - 1) < 0.2  # the 7B regime, measured on test prompts
+    for name in ("results.png", "norms.png", "results.md"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_summaries_and_paired_comparisons():
+    """summarize / compare / follows_donor on hand-made evaluation results (the --quick models answer nothing
+    right, so the grid test alone could not tell a and b apart)."""
+    def res(correct, fam="total"):
+        return [dict(id=f"x{i}", family=fam if i % 2 else "compare", answer=str(i), pred=str(i) if c else "9",
+                     correct=bool(c), latent=i < 2, answered=True) for i, c in enumerate(correct)]
+
+    a = {0: res([1, 1, 1, 0, 1, 0]), 1: res([1, 1, 0, 0, 1, 1])}
+    b = {0: res([0, 1, 0, 0, 1, 1]), 1: res([0, 0, 0, 1, 1, 1])}
+    s = toy.summarize(a[0])
+    assert s["accuracy"] == pytest.approx(4 / 6) and s["latent_rate"] == pytest.approx(2 / 6)
+    assert s["per_family"] == {"compare": pytest.approx(1.0), "total": pytest.approx(1 / 3)}
+    c = toy.compare({"A": a, "B": b, "base": {"all": res([0] * 6)}}, "A", "B", [0, 1])
+    assert [(m["n10"], m["n01"]) for m in c["mcnemar"]] == [(2, 1), (2, 1)]
+    assert c["diff"] == pytest.approx((4 - 3 + 4 - 3) / 2 / 6)
+    assert toy.compare({"A": a, "base": {"all": res([1] * 6)}}, "A", "base", [0, 1])["diff"] == pytest.approx(-2 / 6)
+    # x1's donor x2 (answer "2"): x1 answered "1" (its own); x3's donor x4: x3 answered "4" (the donor's)
+    shuffled = res([1, 1, 1, 0, 1, 1])
+    shuffled[3]["pred"] = "4"
+    f = toy.follows_donor(shuffled, {"x1": "x2", "x3": "x4"}, {f"x{i}": str(i) for i in range(6)})
+    assert f == dict(n=2, donor=0.5, own=0.5)

@@ -1,34 +1,38 @@
-"""The toy world: a seeded synthetic visual task in the GAP data format, where the auxiliary image carries the
-evidence the answer needs, and one command that runs the whole GAP pipeline on a CPU (paper section 4 and the
-latent interventions of section 5.4 / table 6) and reports whether the latents carry signal.
+"""The toy world: a seeded synthetic visual task in the GAP data format where the auxiliary image is evidence,
+not the answer, and one command that runs the whole GAP pipeline on a CPU with the controls that say what the
+latents carry (paper sections 3-5: the norm gap of Fig. 2 / Table 1, the variants of Tables 2-6, K of Fig. 4).
 
-    python toy.py                 # default world (10.5 min measured on 2 CPU cores) -> out/toy/results.json + .png
-    python toy.py --quick         # the same pipeline at smoke-test size, under a minute (test_toy.py runs it)
+    python toy.py            # quick start: one seed, the core variants and controls (README "Quick start")
+    python toy.py --full     # the whole grid: 3 seeds, K in {1,4,16}, every variant, tau chosen on validation
+    python toy.py --quick    # the quick start at smoke-test size (test_toy.py runs it)
 
-Measured with the default command (600 test examples, accuracy +- stderr): clean latents (model) 0.530 +- 0.020,
-latent span banned (zero) 0.412 +- 0.020, Gaussian PCA latents (noise) 0.228 +- 0.017, so the generated latents
-carry evidence; the base 0.360, the K=0 dense-caption control 0.735 (it beats GAP in this world), the `hidden`
-output-as-input head 0.515 (level with GAP). One seed; README "Quick start" has the per-family numbers and why they
-moved from an earlier version. A toy world on a CPU: these are not the paper's benchmarks.
+Task families. Query images are 4 x 4 grids of 14 px cells (one ViT patch each, a flat colour). The auxiliary
+image is never shown to the student, only its frozen-tower embeddings (the latent targets); it differs between
+examples that share an answer, and the <parser> text describes it without stating the answer:
+  compare  "Are there more red cells than blue cells?"  -> yes/no     aux: the red cells lined up in row 1, the
+           blue ones in row 3 (two tallies; the answer needs a comparison after them)
+  total    "How many red and blue cells are there together?" -> 2..8  aux: the same two tallies (the answer
+           needs an addition after them; the parser names the two counts, never their sum)
+  neighbor "What colour is the cell right of the black cell?" -> colour   aux: the 2 x 2 block with the black
+           cell at its top left, zoomed in (the answer is one of its four cells; the parser names none)
 
-Stages (each with a progress bar): world (JSONL + PNGs, train/val/test) -> tokenizer + tiny Qwen2.5-VL ->
-base model (trained text-only, K=0, random vision tower scaled by --vision_scale and kept frozen, standing in for
-the pretrained base) -> latent targets from the frozen base vision tower (data.extract_targets) -> PCA basis
-(pca.py) -> difficulty (N sampled answers of the base per training example -> `accuracy`) -> from the base: GAP
-(pca head, difficulty-aware), the dense-caption control (K=0, same data) and the output-as-input variant (`hidden`
-head) -> evaluation on the test split (infer.run_batch) with latent_mode model / zero / noise -> table,
-results.json, PNG plot.
+Splits: `pretrain` (the base is trained on it, answering directly: the stand-in for a pretrained VLM, so that
+difficulty is measured on examples the base never saw), `train` (difficulty, every fine-tuned variant), `val`
+(the only split settings are chosen on), `test` (evaluated once per final configuration).
 
-Task families. Images are 4 x 4 grids of 14 px cells (one ViT patch each, a flat colour); the auxiliary image
-makes the missing evidence explicit and is never shown to the student, only its frozen-tower embeddings:
-  count    "How many red cells are there?"                          aux: only the red cells, lined up
-  neighbor "What colour is the cell right of the black cell?"       aux: that cell, zoomed in
-  pattern  "Each row has one colour. What colour is the missing cell?" aux: the missing cell, filled in and zoomed
+The 7B norm regime (--norm_ratio 8.6): the base's vision tower output is scaled so that vision embeddings sit
+~50x the text-embedding norm, and after the base stage its final norm weight is multiplied by c and its LM head
+divided by c (logits unchanged), with c set so the final normalized state is --norm_ratio x the query-image
+embedding norm, as in Qwen2.5-VL-7B (paper Fig. 2b). norms.py draws the toy's Fig. 2 (out/toy/norms.png).
+
+Variants, all from the one base on the one data set: base; dense caption (K=0); GAP (pca head, difficulty-aware,
+K=4; --full also K=1 and K=16); full head (LH ablation); hidden (output-as-input) and hidden + EMA calibration;
+GAP without DA (--full). Controls at evaluation of GAP: zero (span banned), noise (Gaussian PCA latents),
+shuffled (the latents GAP generated for another test example of the same family fed instead; how often the
+answer follows the donor's is reported), oracle (the true test aux image's targets fed: the channel's ceiling).
 """
 import dataclasses
-import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -37,204 +41,57 @@ from dataclasses import field
 
 from PIL import Image, ImageDraw
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (225, 195, 20),
-          "purple": (150, 50, 190)}
-FAMILIES = ("count", "neighbor", "pattern")
-INK = COLORS | {"black": (0, 0, 0)}
-CELL = 14  # one ViT patch: every cell is a flat colour, which even a random frozen tower tells apart
-MODES = ("base", "model", "zero", "noise", "dense_caption", "hidden")
+from toy_world import SPLITS, check_world, corpus, world_stats, write_world
 
 
 @dataclasses.dataclass
 class ToyConfig:
-    """Generate the toy world and run the whole GAP pipeline on it (base -> targets -> PCA -> difficulty ->
-    GAP / dense caption / hidden -> evaluation with model, zero and noise latents)."""
+    """Generate the toy world and run the GAP pipeline on it with its variants, controls and statistics."""
     out: str = field(default="out/toy", metadata={"help": "output directory (data, checkpoints, results)"})
     quick: bool = field(default=False, metadata={"help": "smoke-test sizes (overrides the size fields below)"})
-    seed: int = field(default=0, metadata={"help": "world, weights and training seed"})
-    families: str = field(default="count,neighbor,pattern", metadata={"help": "comma-separated task families"})
-    n_train: int = field(default=3000, metadata={"help": "training examples (split evenly over families)"})
-    n_val: int = field(default=150, metadata={"help": "validation examples"})
-    n_test: int = field(default=600, metadata={"help": "test examples (>= 500 for the two-stderr claim)"})
-    image_size: int = field(default=56, metadata={"help": "image side in px, a multiple of 28 (56: 4x4 cells, "
-                                                                "2x2 merged vision tokens)"})
+    full: bool = field(default=False, metadata={"help": "the whole grid: --seeds, --k_sweep, every variant, tau "
+                                                        "chosen on the validation split among --taus"})
+    seed: int = field(default=0, metadata={"help": "world and base seed"})
+    seeds: str = field(default="0,1,2", metadata={"help": "--full: fine-tuning seeds (the quick start: the first)"})
+    n_pretrain: int = field(default=1500, metadata={"help": "base-stage examples (disjoint from train)"})
+    n_train: int = field(default=1500, metadata={"help": "fine-tuning examples (split evenly over families)"})
+    n_val: int = field(default=300, metadata={"help": "validation examples (settings are chosen here only)"})
+    n_test: int = field(default=600, metadata={"help": "test examples"})
+    image_size: int = field(default=112, metadata={"help": "image side in px (112: 4x4 cells, one vision token each)"})
     hidden: int = field(default=128, metadata={"help": "decoder width d of the tiny Qwen2.5-VL"})
     layers: int = field(default=4, metadata={"help": "decoder layers of the tiny Qwen2.5-VL"})
-    # a random tower's embeddings come out ~1.3x the text-embedding norm; Qwen2.5-VL-7B's are ~50x (paper sec. 3),
-    # and at 1.3x the per-dimension target variance is ~2e-4, too small for L_latent to teach the head anything
-    vision_scale: float = field(default=40.0, metadata={"help": "scale of the base vision tower's output "
-                                                                 "(40: vision/text embedding norm ~ 50, as in 7B)"})
-    latent_tokens: int = field(default=4, metadata={"help": "K latents per span (a perfect square)"})
+    # a random tower's embeddings come out ~1.3x the text-embedding norm; Qwen2.5-VL-7B's are ~50x (paper sec. 3)
+    vision_scale: float = field(default=40.0, metadata={"help": "scale of the base vision tower's output"})
+    norm_ratio: float = field(default=8.6, metadata={"help": "final-state / vision-embedding norm set after the base "
+                                                             "stage (7B: 8.6, paper Fig. 2b); 0: leave as trained"})
+    latent_tokens: int = field(default=4, metadata={"help": "K latents per span of GAP (a perfect square)"})
+    k_sweep: str = field(default="1,16", metadata={"help": "--full: the other K of GAP"})
     pca_var: float = field(default=0.95, metadata={"help": "explained variance that sets k"})
-    base_epochs: int = field(default=6, metadata={"help": "epochs of the text-only base stage"})
-    epochs: int = field(default=10, metadata={"help": "epochs of each fine-tuning stage (GAP, dense, hidden)"})
+    base_epochs: int = field(default=6, metadata={"help": "epochs of the base stage"})
+    epochs: int = field(default=8, metadata={"help": "epochs of each fine-tuning stage"})
     batch: int = field(default=32, metadata={"help": "global batch (one micro-batch) of every training stage"})
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of the base stage"})
     ft_lr: float = field(default=1e-3, metadata={"help": "peak learning rate (backbone and head) of fine-tuning"})
-    # measured: training the tower at the base lr collapsed its output to a near-constant vector (std across
-    # images 0.008 vs mean |v| 0.58), so the base keeps the random tower; on this world's flat 14 px cells a linear
-    # probe reads every cell's colour from its frozen features (100% held out)
-    base_train_vision: bool = field(default=False, metadata={"help": "also train the vision tower in the base stage"})
     samples: int = field(default=8, metadata={"help": "N sampled base answers per example (difficulty)"})
     difficulty_temperature: float = field(default=1.0, metadata={"help": "sampling temperature for difficulty"})
-    # measured: with tau=0 only ~10% of examples were latent-supervised (a near-chance base hits the answer by luck
-    # in 1 of 8 samples at T=1), too few for the model to learn to open a span; 0.5 = fails at least half
-    difficulty_tau: float = field(default=0.5, metadata={"help": "latent supervision where accuracy <= tau"})
+    difficulty_tau: float = field(default=0.5, metadata={"help": "quick start: latent supervision where accuracy <= "
+                                                                 "tau (--full chooses it on val among --taus)"})
+    taus: str = field(default="0.25,0.5,0.75", metadata={"help": "--full: DA thresholds tried on the validation split"})
     max_new_tokens: int = field(default=64, metadata={"help": "generated tokens per answer, latents included"})
     eval_batch: int = field(default=64, metadata={"help": "prompts per generation batch"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default, all cores)"})
-    valr: bool = field(default=False, metadata={"help": "also train VaLR (REPA stage 1 -> 2, output-as-input) from the "
-                                                        "base and evaluate it (README 'VaLR'; off: the quick start's time)"})
+    eval_split: str = field(default="test", metadata={"help": "the split evaluated: test, or val while developing "
+                                                                "the world (so no design choice sees the test split)",
+                                                        "choices": ["test", "val"]})
+    valr: bool = field(default=False, metadata={"help": "also train and evaluate VaLR (README 'VaLR') per seed"})
 
 
-QUICK = dict(hidden=64, layers=2, n_train=96, n_val=12, n_test=48, base_epochs=2, epochs=2, batch=16, samples=2,
-             max_new_tokens=48)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the world: three task families, each a query image, a question, an answer and an auxiliary image.
-# No space before <latent>: with "cells. <latent>" the student learns "." " " <|latent_start|>, and a lone " " token
-# never precedes text in the text-only examples, so with the start token banned (latent_mode zero) it looped on
-# spaces (measured: 7% of zero-mode answers well formed); "cells.<latent>" leaves the text-only path reachable.
-
-def _cells(rng, n, grid):
-    return rng.sample([(r, c) for r in range(grid) for c in range(grid)], n)
-
-
-def _canvas(size):
-    return Image.new("RGB", (size, size), "white")
-
-
-def _grid(size):
-    return size // CELL
-
-
-def _paint(img, cells):
-    """cells: {(row, col): colour name}; each a flat CELL x CELL square."""
-    d = ImageDraw.Draw(img)
-    for (r, c), name in cells.items():
-        d.rectangle([c * CELL, r * CELL, (c + 1) * CELL - 1, (r + 1) * CELL - 1], fill=INK[name])
-    return img
-
-
-def make_count(rng, size):
-    """Cells of several colours; count those of one colour. Aux: only that colour's cells, lined up in reading
-    order (a tally)."""
-    g = _grid(size)
-    color, *others = rng.sample(sorted(COLORS), 3)
-    n = rng.randint(0, 5)
-    where = _cells(rng, n + rng.randint(3, 7), g)
-    cells = {p: color for p in where[:n]} | {p: rng.choice(others) for p in where[n:]}
-    query = _paint(_canvas(size), cells)
-    aux = _paint(_canvas(size), {divmod(i, g): color for i in range(n)})
-    return dict(question=f"How many {color} cells are there?", answer=str(n),
-                response=f"<think>Keep only the {color} cells and line them up.<latent> <parser>the {color} cells, "
-                         f"lined up: {n}.</parser></think><answer>{n}</answer>"), query, aux
-
-
-def make_pattern(rng, size):
-    """Every row (or column) has one colour; one cell is missing (white). Name its colour.
-    Aux: the missing cell filled in and zoomed in to the whole image (a crop-and-zoom view)."""
-    g = _grid(size)
-    rule = rng.choice(["row", "column"])
-    line = [rng.choice(sorted(COLORS)) for _ in range(g)]
-    hole = (rng.randrange(g), rng.randrange(g))
-    answer = line[hole[0] if rule == "row" else hole[1]]
-    cells = {(r, c): line[r if rule == "row" else c] for r in range(g) for c in range(g) if (r, c) != hole}
-    query = _paint(_canvas(size), cells)
-    aux = Image.new("RGB", (size, size), INK[answer])
-    return dict(question=f"Each {rule} has one colour. What colour is the missing cell?", answer=answer,
-                response=f"<think>Fill in the missing cell and zoom in on it.<latent> <parser>the missing cell is "
-                         f"{answer}.</parser></think><answer>{answer}</answer>"), query, aux
-
-
-def make_neighbor(rng, size):
-    """Coloured cells and one black cell; name the colour of the cell right of / below it.
-    Aux: that neighbour, zoomed in to the whole image."""
-    g = _grid(size)
-    side = rng.choice(["right of", "below"])
-    r, c = rng.randrange(g - (side == "below")), rng.randrange(g - (side == "right of"))
-    nb = (r, c + 1) if side == "right of" else (r + 1, c)
-    cells = {p: rng.choice(sorted(COLORS)) for p in _cells(rng, rng.randint(6, 10), g)}
-    cells[nb] = answer = rng.choice(sorted(COLORS))
-    cells[(r, c)] = "black"
-    query = _paint(_canvas(size), cells)
-    aux = Image.new("RGB", (size, size), INK[answer])
-    return dict(question=f"What colour is the cell {side} the black cell?", answer=answer,
-                response=f"<think>Find the black cell and zoom in on the cell {side} it.<latent> <parser>the cell "
-                         f"{side} the black cell is {answer}.</parser></think><answer>{answer}</answer>"), query, aux
-
-
-MAKERS = dict(count=make_count, neighbor=make_neighbor, pattern=make_pattern)
-
-
-def image_key(img):
-    return hashlib.sha1(img.tobytes()).hexdigest()
-
-
-def write_world(out_dir, n_train, n_val, n_test, seed=0, size=56, families=FAMILIES):
-    """Write {train,val,test}.jsonl + img/ under out_dir. Examples cycle through the families; an
-    (image, question) pair seen before is redrawn, so no pair repeats within or across splits.
-    Returns {split: jsonl path}."""
-    from tqdm import tqdm
-    rng = random.Random(seed)
-    os.makedirs(os.path.join(out_dir, "img"), exist_ok=True)
-    seen, paths, i = set(), {}, 0
-    bar = tqdm(total=n_train + n_val + n_test, desc="world", unit="ex")
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        rows = []
-        while len(rows) < n:
-            fam = families[i % len(families)]
-            ex, query, aux = MAKERS[fam](rng, size)
-            key = (image_key(query), ex["question"])
-            if key in seen:
-                continue
-            seen.add(key)
-            ex_id = f"{fam}-{i:06d}"
-            query.save(os.path.join(out_dir, "img", f"{ex_id}.png"))
-            aux.save(os.path.join(out_dir, "img", f"{ex_id}_aux.png"))
-            rows.append(dict(id=ex_id, image=f"img/{ex_id}.png", question=ex["question"], response=ex["response"],
-                             aux_image=f"img/{ex_id}_aux.png", answer=ex["answer"], family=fam))
-            i += 1
-            bar.update(1)
-        paths[split] = os.path.join(out_dir, f"{split}.jsonl")
-        with open(paths[split], "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    bar.close()
-    return paths
-
-
-def check_world(paths):
-    """No (query image, question) pair in two splits; every image exists. Raises with what repeats."""
-    owner = {}
-    for split, path in paths.items():
-        with open(path) as f:
-            for line in f:
-                r = json.loads(line)
-                base = os.path.dirname(os.path.abspath(path))
-                for key in ("image", "aux_image"):
-                    if not os.path.exists(os.path.join(base, r[key])):
-                        raise FileNotFoundError(f"{path}: {r['id']}: {key} {r[key]} missing")
-                with Image.open(os.path.join(base, r["image"])) as im:
-                    key = (image_key(im.convert("RGB")), r["question"])
-                if key in owner:
-                    raise ValueError(f"{split}/{r['id']} repeats {owner[key]} (same image and question)")
-                owner[key] = f"{split}/{r['id']}"
-    return len(owner)
-
-
-def corpus(paths):
-    """Texts the offline tokenizer is trained on: every question and response of the world, the chat scaffold."""
-    import tiny
-    texts = []
-    for path in paths.values():
-        with open(path) as f:
-            texts += [t for line in f for t in (json.loads(line)["question"], json.loads(line)["response"])]
-    return texts + tiny.corpus_texts()
+QUICK = dict(hidden=64, layers=2, n_pretrain=96, n_train=96, n_val=24, n_test=48, base_epochs=2, epochs=2, batch=16,
+             samples=2, max_new_tokens=48, seeds="0,1", taus="0.5,1.0", k_sweep="1")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# pipeline stages, each through the project's own entry points
+# the base and its norm regime
 
 def scale_vision(model_dir, scale):
     """Multiply the output layer of the vision tower's patch merger by `scale` (the embeddings scale exactly),
@@ -248,13 +105,63 @@ def scale_vision(model_dir, scale):
         last.bias.mul_(scale)
     model.save_pretrained(model_dir, safe_serialization=True)
 
-def train_stage(cfg, name, model, data, **kw):
+
+def rescale_final_norm(model_dir, c):
+    """The final norm weight x c and the LM head / c in model_dir's model.safetensors: every logit is unchanged
+    (lm_head(c g * x / rms(x)) / c), the final normalized state -- what output-as-input latents feed back -- is
+    c times larger. Written atomically."""
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(model_dir, "model.safetensors")
+    state = load_file(path)
+    # the decoder's final norm: "model.norm.weight" or "model.language_model.norm.weight" by transformers version
+    norm = [k for k in state if k.endswith("norm.weight") and ".layers." not in k and "visual" not in k]
+    head = [k for k in state if k.endswith("lm_head.weight")]
+    if len(norm) != 1 or len(head) != 1:
+        raise ValueError(f"{path}: expected one final norm and one lm_head weight, found {norm} and {head}")
+    state[norm[0]] = state[norm[0]] * c
+    state[head[0]] = state[head[0]] / c
+    save_file(state, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+
+
+def prompt_batch(tokenizer, image_processor, rows, spec=None):
+    """A left-padded generation batch of rows' (image, question) prompts."""
+    from data import DataSpec, collate, encode_prompt, open_image
+    spec = spec or DataSpec()
+    return collate([encode_prompt(tokenizer, image_processor, open_image(r, "image"), r["question"], spec, r["id"])
+                    for r in rows], tokenizer.pad_token_id, left=True)
+
+
+def norm_profile(model_dir, rows, head=None):
+    """norms.profile of a model directory (or a GAP checkpoint's backbone) on rows' prompts."""
+    import torch
+    import norms
+    from model import load_backbone
+    backbone, tokenizer, ip = load_backbone(model_dir, "cpu", torch.float32)
+    return norms.profile(backbone, prompt_batch(tokenizer, ip, rows), head=head)
+
+
+def set_norm_regime(base, rows, ratio):
+    """Rescale the base's final norm so the final state is `ratio` x the vision-embedding norm on rows (paper
+    Fig. 2b: 8.6 in Qwen2.5-VL-7B). Returns (ratio before, c)."""
+    before = norm_profile(base, rows)["ratio"]
+    c = ratio / before
+    rescale_final_norm(base, c)
+    return before, c
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stages, each through the project's own entry points
+
+def train_stage(cfg, name, model, data, seed, **kw):
     import train
-    tc = train.TrainConfig(model=model, data=data, out_dir=os.path.join(cfg.out, name), global_batch=cfg.batch,
-                           micro_batch=cfg.batch, seed=cfg.seed, **kw)
+    out = os.path.join(cfg.out, "ckpt", name)
+    if os.path.exists(os.path.join(out, "gap.json")):  # the same stage (name = its settings) earlier in this run
+        return out
     print(f"== train {name}: {kw}")
-    train.main(tc)
-    return tc.out_dir
+    train.main(train.TrainConfig(model=model, data=data, out_dir=out, global_batch=cfg.batch, micro_batch=cfg.batch,
+                                 seed=seed, **kw))
+    return out
 
 
 def difficulty(cfg, ckpt, data, out_path):
@@ -265,58 +172,291 @@ def difficulty(cfg, ckpt, data, out_path):
     clear_outputs(out_path)  # a fresh measurement, not a resume of an older run
     difficulty_py.main(difficulty_py.DifficultyConfig(
         model=ckpt, data=data, out=out_path, samples=cfg.samples, temperature=cfg.difficulty_temperature,
-        max_new_tokens=cfg.max_new_tokens, batch_size=max(1, cfg.eval_batch // cfg.samples), seed=cfg.seed,
-        tau=cfg.difficulty_tau))
+        max_new_tokens=cfg.max_new_tokens, batch_size=max(1, cfg.eval_batch // cfg.samples), seed=cfg.seed))
     with open(out_path) as f:
         return [json.loads(line) for line in f]
 
 
-def evaluate(cfg, ckpt, mode, test_path):
-    """infer.run_batch on the test split; returns (summary, per-example results)."""
-    import infer
-    from common import clear_outputs
-    out = os.path.join(cfg.out, "eval", f"{os.path.basename(ckpt)}_{mode}.jsonl")
-    clear_outputs(out)  # a fresh measurement, not a resume of an older run
-    ic = infer.InferConfig(ckpt=ckpt, data=test_path, out=out, latent_mode=mode, max_new_tokens=cfg.max_new_tokens,
-                           batch_size=cfg.eval_batch, seed=cfg.seed)
-    summary = infer.run_batch(ic, infer.Runner(ic))
-    with open(out) as f:
-        return summary, [json.loads(line) for line in f]
-
-
-def latent_norms(cfg, ckpt, test_path, n=64):
-    """Mean L2 norms at inference on n test prompts, decoded greedily as in evaluation: the query-image vision
-    embeddings, and the latents the model feeds back in the spans it opens itself. If no row opens a span,
-    every prompt is ended with <|latent_start|> instead, so the head is still measured (forced=True).
-    Returns (vision, latent, forced)."""
+def evaluate(cfg, ckpt, rows, path, mode="model", norm_calib="none", given=None, tags=None):
+    """Greedy answers of a checkpoint on rows through latent_loop.latent_steps (the loop infer.py runs), scored
+    with answers.py. mode: model | zero | noise | given (given: {id: (K, D) latents}, fed in every span the row
+    opens). Writes one JSON line per row to `path` (with tags[id], if given); returns (results, {id: the (K, D) latents of its first span})."""
     import torch
     import infer
     import latent_loop
-    from data import collate, open_image, read_jsonl
-    runner = infer.Runner(infer.InferConfig(ckpt=ckpt, seed=cfg.seed))
-    gap, tok = runner.gap, runner.tokenizer
-    rows = read_jsonl(test_path, need_response=False)[0][:n]
-    batch = collate([runner.encode(open_image(r, "image"), r["question"], r["id"]) for r in rows], tok.pad_token_id,
-                    left=True)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    for forced in (False, True):
-        if forced:
-            ids = torch.cat([ids, torch.full((len(rows), 1), gap.start_id)], 1)  # (B, T+1)
-            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
-        steps = latent_loop.latent_steps(gap.backbone, gap.head, gap.latent_ids, gap.latent_tokens, ids, mask,
-                                         batch["pixel_values"], batch["image_grid_thw"], stop_ids=runner.stop_ids,
-                                         max_new_tokens=gap.latent_tokens + 1 if forced else cfg.max_new_tokens)
-        # the vectors fed at latent slots: rows in a span (slot 0..K-1) at steps that fed anything
-        latents = [s.fed[(s.slot >= 0) & (s.slot < gap.latent_tokens)] for s in steps if s.fed is not None]
-        latents = torch.cat(latents) if latents else torch.zeros(0)
-        if len(latents):
-            break
-    if len(latents) % gap.latent_tokens:
-        raise RuntimeError(f"{len(latents)} latents fed, not a multiple of K={gap.latent_tokens}")
-    with torch.no_grad():
-        embeds = gap.embed(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"])  # (B, T, D)
-    vision = embeds[batch["input_ids"] == gap.image_token_id].norm(dim=-1).mean().item()
-    return vision, latents.norm(dim=-1).mean().item(), forced
+    from answers import answers_match, extract_answer
+    from common import atomic_write_text
+    ic = infer.InferConfig(ckpt=ckpt, latent_mode=mode, norm_calib=norm_calib, seed=cfg.seed,
+                           max_new_tokens=cfg.max_new_tokens)
+    runner = infer.Runner(ic)
+    gap, K = runner.gap, runner.gap.latent_tokens
+    results, latents = [], {}
+    for i in range(0, len(rows), cfg.eval_batch):
+        chunk = rows[i:i + cfg.eval_batch]
+        batch = prompt_batch(runner.tokenizer, runner.image_processor, chunk, runner.spec)
+        fixed = torch.stack([given[r["id"]] for r in chunk]) if given is not None else None
+        steps = list(latent_loop.latent_steps(
+            gap.backbone, gap.head, gap.latent_ids, K, batch["input_ids"], batch["attention_mask"],
+            batch["pixel_values"], batch["image_grid_thw"], max_new_tokens=cfg.max_new_tokens, latent_mode=mode,
+            norm_calib=norm_calib, stop_ids=runner.stop_ids, given=fixed,
+            generator=infer.example_generators(ic, chunk, "cpu")))
+        tokens = torch.stack([s.token for s in steps], 1)
+        for b, r in enumerate(chunk):
+            fed = [s.fed[b] for s in steps if s.fed is not None and 0 <= int(s.slot[b]) < K]
+            if K and len(fed) >= K:
+                latents[r["id"]] = torch.stack(fed[:K]).float()
+            response = gap.decode(runner.tokenizer, tokens[b])
+            pred = extract_answer(response)
+            results.append(dict(id=r["id"], family=r["family"], answer=r["answer"], pred=pred, response=response,
+                                correct=bool(answers_match(pred, r["answer"], r["question"])),
+                                latent="<latent>" in response,
+                                answered="<answer>" in response and "</answer>" in response,
+                                **(tags or {}).get(r["id"], {})))
+    atomic_write_text(path, "".join(json.dumps(x) + "\n" for x in results))
+    return results, latents
+
+
+def donors(rows, latents, seed):
+    """Shuffled control: for each row, another row of its family whose GAP run opened a span (seeded). {id: id}."""
+    rng, pool = random.Random(f"shuffle-{seed}"), {}
+    for r in rows:
+        if r["id"] in latents:
+            pool.setdefault(r["family"], []).append(r["id"])
+    out = {}
+    for r in rows:
+        others = [i for i in pool.get(r["family"], []) if i != r["id"]]
+        if others:
+            out[r["id"]] = rng.choice(others)
+    return out
+
+
+def oracle_targets(cfg, base, path, K):
+    """{id: (K, D)} the true aux-image targets of the rows of `path`, from the base's frozen vision tower."""
+    from data import TargetCache, TargetsConfig, aux_hash, extract_targets, read_jsonl
+    cache_dir = os.path.join(cfg.out, "cache")
+    extract_targets(TargetsConfig(model=base, data=path, latent_tokens=K, cache_dir=cache_dir, batch_size=64))
+    cache = TargetCache(cache_dir, K)
+    return {r["id"]: cache.get(r["id"], aux_hash(r)).float() for r in read_jsonl(path)[0]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the grid: what is trained, what is evaluated, what is compared
+
+def train_variants(cfg, K, full):
+    """{label: train.py settings} of the fine-tuned variants (all from the base, on the scored train split)."""
+    v = {"dense caption": dict(latent_tokens=0), "GAP": dict(latent_tokens=K, latent_head="pca"),
+         "hidden": dict(latent_tokens=K, latent_head="hidden")}
+    if full:
+        v["full head"] = dict(latent_tokens=K, latent_head="full")
+        v["GAP no DA"] = dict(latent_tokens=K, latent_head="pca", difficulty_tau=1.0)
+        v |= {f"GAP K={k}": dict(latent_tokens=k, latent_head="pca") for k in ints(cfg.k_sweep) if k != K}
+    return v
+
+
+# (a, b): a - b is tested, paired on the same test items
+COMPARISONS = [("GAP", "GAP zero"), ("GAP", "GAP shuffled"), ("GAP", "GAP noise"), ("GAP oracle", "GAP"),
+               ("GAP", "dense caption"), ("GAP", "hidden"), ("hidden + EMA", "hidden"), ("GAP", "base"),
+               ("dense caption", "base"), ("GAP", "full head"), ("GAP", "GAP no DA")]
+
+
+def ints(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def floats(text):
+    return [float(x) for x in text.split(",") if x]
+
+
+def fine_tune(cfg, kw, tau, seed, base, scored, pca_paths):
+    """A fine-tuned variant (train.py settings kw) from the base; its directory names its settings, so the same
+    one asked for twice in a run (the tau search and the grid) is trained once."""
+    kw = dict(kw)
+    K, t = kw.pop("latent_tokens"), kw.pop("difficulty_tau", tau)
+    name = f"{kw.get('latent_head', 'pca')}_K{K}_tau{t}_s{seed}" if K else f"dense_s{seed}"
+    extra = dict(pca_path=pca_paths[K], target_cache=os.path.join(cfg.out, "cache")) if K else {}
+    return train_stage(cfg, name, base, scored, seed, latent_tokens=K, epochs=cfg.epochs, lr=cfg.ft_lr,
+                       head_lr=cfg.ft_lr, difficulty_tau=t, **extra, **kw)
+
+
+def summarize(res):
+    n = len(res)
+    fams = sorted({r["family"] for r in res})
+    return dict(accuracy=sum(r["correct"] for r in res) / n, latent_rate=sum(r["latent"] for r in res) / n,
+                answer_rate=sum(r["answered"] for r in res) / n,
+                per_family={f: sum(r["correct"] for r in res if r["family"] == f) /
+                            sum(r["family"] == f for r in res) for f in fams})
+
+
+def compare(evals, a, b, seeds):
+    """Paired statistics of variant a vs b on the test items: per seed an exact McNemar test; over seeds a paired
+    bootstrap of the per-item correctness averaged over seeds."""
+    import stats
+    if a not in evals or b not in evals:
+        return None
+
+    def per_item(label, s):
+        return [r["correct"] for r in evals[label][s if s in evals[label] else "all"]]
+
+    mc = [dict(seed=s, **dict(zip(("n10", "n01", "p"), stats.mcnemar(per_item(a, s), per_item(b, s)))))
+          for s in seeds]
+    avg = [[sum(c) / len(seeds) for c in zip(*[per_item(x, s) for s in seeds])] for x in (a, b)]
+    boot = stats.paired_bootstrap(*avg)
+    return dict(a=a, b=b, diff=boot["diff"], lo=boot["lo"], hi=boot["hi"], p_bootstrap=boot["p"], mcnemar=mc)
+
+
+def follows_donor(res, donor_of, answer_of):
+    """Shuffled control: of the items whose donor has another answer, the share answered with the donor's answer
+    and the share answered correctly."""
+    from answers import answers_match
+    items = [r for r in res if r["id"] in donor_of and answer_of[donor_of[r["id"]]] != r["answer"]]
+    follow = sum(bool(answers_match(r["pred"], answer_of[donor_of[r["id"]]], "")) for r in items)
+    return dict(n=len(items), donor=follow / max(1, len(items)), own=sum(r["correct"] for r in items) / max(1, len(items)))
+
+
+def run(cfg: ToyConfig):
+    """The pipeline, stage after stage (one long function on purpose: it is the recipe). Writes results.json,
+    results.md, results.png and norms.png under cfg.out and returns the results."""
+    import torch
+    import pca as pca_lib
+    import tiny
+    from common import atomic_write_text
+    from data import TargetCache, TargetsConfig, extract_targets, read_jsonl
+    from train import fit_basis
+    if cfg.quick:
+        cfg = dataclasses.replace(cfg, **QUICK)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    seeds = ints(cfg.seeds) if cfg.full else ints(cfg.seeds)[:1]
+    K = cfg.latent_tokens
+    for sub in ("data", "cache", "eval", "tiny", "ckpt", "encoder"):
+        shutil.rmtree(os.path.join(cfg.out, sub), ignore_errors=True)
+    os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
+
+    # 1. the world
+    sizes = dict(pretrain=cfg.n_pretrain, train=cfg.n_train, val=cfg.n_val, test=cfg.n_test)
+    paths = write_world(os.path.join(cfg.out, "data"), sizes, cfg.seed, cfg.image_size)
+    print(f"world: {check_world(paths)} unique (image, question) pairs over {', '.join(SPLITS)} -> {cfg.out}/data")
+    rows = {s: read_jsonl(p)[0] for s, p in paths.items()}
+    world = {s: world_stats(paths[s]) for s in ("train", "test")}
+    test = rows[cfg.eval_split]
+
+    # 2. the base: a tiny Qwen2.5-VL trained to answer directly on the pretrain split, then the 7B norm regime
+    tiny_dir = tiny.build_tiny(os.path.join(cfg.out, "tiny"), cfg.hidden, cfg.layers, seed=cfg.seed,
+                               texts=corpus(paths))
+    scale_vision(tiny_dir, cfg.vision_scale)
+    base = train_stage(cfg, "base", tiny_dir, paths["pretrain"], cfg.seed, latent_tokens=0, epochs=cfg.base_epochs,
+                       lr=cfg.lr, head_lr=cfg.lr)
+    norms = dict(ratio_trained=None, c=1.0)
+    if cfg.norm_ratio:
+        norms["ratio_trained"], norms["c"] = set_norm_regime(base, rows["pretrain"][:64], cfg.norm_ratio)
+    base_profile = norm_profile(base, rows["val"][:64])
+    norms |= dict(ratio=base_profile["ratio"], vision_embed=base_profile["vision_embed"],
+                  text_embed=base_profile["text_embed"], final=base_profile["final"])
+    print(f"norms: final state / vision embedding = {norms['ratio']:.2f} on validation prompts "
+          f"(as trained {norms['ratio_trained'] or norms['ratio']:.2f}, final norm x {norms['c']:.2f})")
+
+    # 3. latent targets (train: every K; test: K for the oracle control) and a PCA basis per K
+    Ks = sorted({K} | (set(ints(cfg.k_sweep)) if cfg.full else set()))
+    cache_dir, pca_paths, bases = os.path.join(cfg.out, "cache"), {}, {}
+    for k in Ks:
+        extract_targets(TargetsConfig(model=base, data=paths["train"], latent_tokens=k, cache_dir=cache_dir,
+                                      batch_size=64))
+        bases[k] = fit_basis(TargetCache(cache_dir, k), rows["train"], cfg.pca_var, 0, 1)
+        pca_paths[k] = os.path.join(cache_dir, f"pca_K{k}.safetensors")
+        pca_lib.save(pca_paths[k], bases[k])
+        print(f"PCA K={k}: k={bases[k]['k']} of d={bases[k]['P'].shape[0]}, rel_mse={bases[k]['rel_mse']:.4f}")
+    oracle = oracle_targets(cfg, base, paths[cfg.eval_split], K)
+
+    # 4. difficulty of the train split under the base (which never saw it)
+    scored_path = os.path.join(cfg.out, "data", "train.scored.jsonl")
+    scored = difficulty(cfg, base, paths["train"], scored_path)
+    taus = sorted({0.0, cfg.difficulty_tau, 1.0} | (set(floats(cfg.taus)) if cfg.full else set()))
+    kept = {str(t): sum(r["accuracy"] <= t for r in scored) for t in taus}
+    print(f"difficulty: examples kept latent at tau {kept} of {len(scored)}")
+
+    # 5. tau: the quick start's default, or (--full) the best GAP of the first seed on the validation split
+    selection, tau = {}, cfg.difficulty_tau
+    if cfg.full:
+        gap_kw = dict(latent_tokens=K, latent_head="pca")
+        for t in floats(cfg.taus):
+            ckpt = fine_tune(cfg, gap_kw, t, seeds[0], base, scored_path, pca_paths)
+            res, _ = evaluate(cfg, ckpt, rows["val"], os.path.join(cfg.out, "eval", f"val_tau{t}.jsonl"))
+            selection[str(t)] = summarize(res)["accuracy"]
+        tau = max(floats(cfg.taus), key=lambda t: selection[str(t)])  # ties: the first listed
+        print(f"tau on val: {selection} -> {tau}")
+
+    # 6. the variants per seed, evaluated on the test split (base: once, it is the same for every seed)
+    evals = {"base": {"all": evaluate(cfg, base, test, os.path.join(cfg.out, "eval", "base.jsonl"))[0]}}
+    fed_norms, shuffled = {}, []
+    answer_of = {r["id"]: r["answer"] for r in test}
+    for s in seeds:
+        for label, kw in train_variants(cfg, K, cfg.full).items():
+            ckpt = fine_tune(cfg, kw, tau, s, base, scored_path, pca_paths)
+            name = os.path.basename(ckpt)
+            res, lat = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}.jsonl"))
+            evals.setdefault(label, {})[s] = res
+            fed_norms.setdefault(label, []).extend(v.norm(dim=-1).mean().item() for v in lat.values())
+            if label == "hidden":
+                res, lat = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}_ema.jsonl"),
+                                    norm_calib="ema")
+                evals.setdefault("hidden + EMA", {})[s] = res
+                fed_norms.setdefault("hidden + EMA", []).extend(v.norm(dim=-1).mean().item() for v in lat.values())
+            if label != "GAP":
+                continue
+            for mode in ("zero", "noise"):
+                res, _ = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}_{mode}.jsonl"), mode)
+                evals.setdefault(f"GAP {mode}", {})[s] = res
+            donor_of = donors(test, lat, s)
+            zeros = torch.zeros_like(next(iter(oracle.values())))  # a row whose family has no other span
+            given = {r["id"]: lat[donor_of[r["id"]]] if r["id"] in donor_of else zeros for r in test}
+            res, _ = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}_shuffled.jsonl"),
+                              "given", given=given, tags={i: dict(donor=d) for i, d in donor_of.items()})
+            evals.setdefault("GAP shuffled", {})[s] = res
+            shuffled.append(dict(seed=s, with_donor=len(donor_of), **follows_donor(res, donor_of, answer_of)))
+            res, _ = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}_oracle.jsonl"),
+                              "given", given=oracle)
+            evals.setdefault("GAP oracle", {})[s] = res
+        if cfg.valr:
+            evals.setdefault("VaLR", {})[s] = evaluate(cfg, train_valr(cfg, base, scored_path, pca_paths[K], tau, s),
+                                                       test, os.path.join(cfg.out, "eval", f"valr_s{s}.jsonl"))[0]
+
+    # 7. Fig. 2 of the first GAP: layer-wise norms, final state vs vision embeddings vs what GAP feeds back
+    import norms as norms_py
+    from model import load_checkpoint
+    gap0 = fine_tune(cfg, dict(latent_tokens=K, latent_head="pca"), tau, seeds[0], base, scored_path, pca_paths)
+    g, tok, ip, _ = load_checkpoint(gap0, "cpu", torch.float32)
+    fig2 = norms_py.profile(g.backbone, prompt_batch(tok, ip, test[:64]), head=g.head)
+    norms_py.plot(fig2, os.path.join(cfg.out, "norms.png"))
+    norms["gap_checkpoint"] = dict(ratio=fig2["ratio"], reconstruction=fig2.get("reconstruction"),
+                                   vision_embed=fig2["vision_embed"])
+    norms["fed_back"] = {label: sum(v) / len(v) for label, v in fed_norms.items() if v}
+
+    # 8. statistics and reports
+    import stats
+    variants = {}
+    for label, by_seed in evals.items():
+        runs = {s: summarize(res) for s, res in by_seed.items()}
+        accs = [x["accuracy"] for x in runs.values()]
+        mean, sd = stats.mean_sd(accs)
+        fams = next(iter(runs.values()))["per_family"]
+        variants[label] = dict(mean=mean, sd=sd, seeds={str(s): a for s, a in zip(runs, accs)},
+                               per_family={f: stats.mean_sd([x["per_family"][f] for x in runs.values()])[0]
+                                           for f in fams},
+                               latent_rate=stats.mean_sd([x["latent_rate"] for x in runs.values()])[0],
+                               answer_rate=stats.mean_sd([x["answer_rate"] for x in runs.values()])[0])
+    comparisons = [c for a, b in COMPARISONS if (c := compare(evals, a, b, seeds))]
+    results = dict(eval_split=cfg.eval_split, n_test=len(test), seeds=seeds, tau=tau, selection_on_val=selection, variants=variants,
+                   comparisons=comparisons, shuffled=shuffled, norms=norms, world=world,
+                   difficulty=dict(n_train=len(scored), samples=cfg.samples, kept_latent=kept),
+                   pca={str(k): dict(k=b["k"], rel_mse=b["rel_mse"]) for k, b in bases.items()},
+                   config=dataclasses.asdict(cfg), wall_s=round(time.time() - t0, 1))
+    atomic_write_text(os.path.join(cfg.out, "results.json"), json.dumps(results, indent=2) + "\n")
+    atomic_write_text(os.path.join(cfg.out, "results.md"), markdown(results))
+    plot(results, os.path.join(cfg.out, "results.png"))
+    print("\n" + markdown(results))
+    print(f"{results['wall_s']:.0f} s -> {cfg.out}/results.json, results.md, results.png, norms.png")
+    return results
 
 
 def toy_encoder(out_dir, image_size, seed):
@@ -333,141 +473,85 @@ def toy_encoder(out_dir, image_size, seed):
     return out_dir
 
 
-def train_valr(cfg, base, data, pca_path):
+def train_valr(cfg, base, data, pca_path, tau, seed):
     """VaLR on the toy: the encoder's features of the training images, stage 1 (projectors, 2 epochs), then
     stage 2 (everything, self-fed latents, cfg.epochs) from stage 1's checkpoint. Returns the stage-2 checkpoint."""
     import align
-    enc = toy_encoder(os.path.join(cfg.out, "encoder"), cfg.image_size, cfg.seed)
+    enc = os.path.join(cfg.out, "encoder")
+    if not os.path.exists(os.path.join(enc, "config.json")):
+        toy_encoder(enc, cfg.image_size, cfg.seed)
     cache = os.path.join(cfg.out, "cache", "align")
     align.extract_features(align.FeaturesConfig(encoders=enc, data=data, latent_tokens=cfg.latent_tokens,
                                                 cache_dir=cache, batch_size=64))
     kw = dict(latent_tokens=cfg.latent_tokens, latent_head="hidden", pca_path=pca_path, lambda_latent=0.0,
               align="repa", align_encoders=enc, align_cache=cache, align_dim=128, align_text=True,
-              lr=cfg.ft_lr, head_lr=cfg.ft_lr, difficulty_tau=cfg.difficulty_tau)
-    stage1 = train_stage(cfg, "valr_stage1", base, data, stage=1, epochs=2, **kw)
-    return train_stage(cfg, "valr", stage1, data, stage=2, epochs=cfg.epochs, **kw)
+              lr=cfg.ft_lr, head_lr=cfg.ft_lr, difficulty_tau=tau)
+    stage1 = train_stage(cfg, f"valr_stage1_s{seed}", base, data, seed, stage=1, epochs=2, **kw)
+    return train_stage(cfg, f"valr_s{seed}", stage1, data, seed, stage=2, epochs=cfg.epochs, **kw)
 
 
-def plot(results, path):
-    """Bar chart of accuracy +- 2 stderr per variant, written with PIL (no matplotlib)."""
-    W, H, left, bottom, top = 560, 300, 40, 40, 30
+# ----------------------------------------------------------------------------------------------------------
+# reports
+
+def markdown(res):
+    """The results as Markdown tables: variants (mean +- s.d. over seeds, per family, span and answer rates),
+    paired comparisons, the shuffled control, the norm regime, the world and difficulty."""
+    fams = sorted(next(iter(res["variants"].values()))["per_family"])
+    n_seeds = len(res["seeds"])
+    out = [f"Evaluated on the {res['eval_split']} split: n = {res['n_test']}, {n_seeds} training seed(s) {res['seeds']}; tau = {res['tau']}"
+           + (f" (chosen on val: {res['selection_on_val']})" if res["selection_on_val"] else " (the default)"), "",
+           "| variant | accuracy (mean +- s.d.) | per seed | " + " | ".join(fams) + " | opens a span | answers |",
+           "|---|---|---|" + "---|" * len(fams) + "---|---|"]
+    for label, v in res["variants"].items():
+        out.append(f"| {label} | {v['mean']:.3f} +- {v['sd']:.3f} | {', '.join(f'{a:.3f}' for a in v['seeds'].values())} | "
+                   + " | ".join(f"{v['per_family'][f]:.3f}" for f in fams)
+                   + f" | {100 * v['latent_rate']:.0f}% | {100 * v['answer_rate']:.0f}% |")
+    out += ["", "| comparison (paired, same items) | difference | 95% bootstrap CI | bootstrap p | McNemar p per seed "
+                "(only a right / only b right) |", "|---|---|---|---|---|"]
+    for c in res["comparisons"]:
+        mc = ", ".join(f"{m['p']:.2g} ({m['n10']}/{m['n01']})" for m in c["mcnemar"])
+        out.append(f"| {c['a']} - {c['b']} | {c['diff']:+.3f} | [{c['lo']:+.3f}, {c['hi']:+.3f}] | "
+                   f"{c['p_bootstrap']:.2g} | {mc} |")
+    for s in res["shuffled"]:
+        out.append(f"\nShuffled latents, seed {s['seed']}: of {s['n']} items whose donor has another answer, "
+                   f"{100 * s['donor']:.0f}% answer the donor's answer, {100 * s['own']:.0f}% their own.")
+    n = res["norms"]
+    out.append(f"\nNorms (the base on validation prompts): vision embedding {n['vision_embed']:.2f}, final state {n['final']['last']:.2f}"
+               f" ({n['ratio']:.2f}x; the base as trained: {n['ratio_trained'] or n['ratio']:.2f}x, final norm x "
+               f"{n['c']:.2f}); fed back per variant: " + ", ".join(f"{k} {v:.2f}" for k, v in n["fed_back"].items()))
+    out.append("\nWorld (train split): " + "; ".join(f"{f}: {w['aux_images']} distinct aux images over {w['answers']} "
+                                                      f"answers (at least {w['min_aux_per_answer']} per answer)"
+                                                      for f, w in res["world"]["train"].items()))
+    d = res["difficulty"]
+    out.append(f"\nDifficulty ({d['samples']} base samples per example): kept latent at tau " +
+               ", ".join(f"{t}: {k}/{d['n_train']}" for t, k in d["kept_latent"].items()))
+    return "\n".join(out) + "\n"
+
+
+def plot(res, path):
+    """Accuracy per variant: a bar at the mean over seeds, a dot per seed (PIL only)."""
+    labels = list(res["variants"])
+    W, row, left, top = 620, 22, 130, 30
+    H = top + row * len(labels) + 30
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    d.text((left, 8), f"toy world: test accuracy +- 2 stderr (n={results['n_test']})", fill="black")
-    ph = H - bottom - top
-    d.line([left, top, left, H - bottom, W - 10, H - bottom], fill="black")
+    d.text((8, 8), f"toy world: {res['eval_split']} accuracy, mean over seeds (bar) and each seed (dots), n={res['n_test']}",
+           fill="black")
+    pw = W - left - 60
     for t in (0, 0.25, 0.5, 0.75, 1.0):
-        y = H - bottom - t * ph
-        d.line([left - 4, y, left, y], fill="black")
-        d.text((4, y - 6), f"{t:.2f}", fill="black")
-    modes = [m for m in MODES + ("valr",) if m in results["accuracy"]]
-    bw = (W - left - 20) / len(modes)
-    fills = dict(base=(150, 150, 150), model=(40, 120, 200), zero=(230, 150, 40), noise=(200, 60, 60),
-                 dense_caption=(120, 170, 90), hidden=(150, 100, 180), valr=(60, 170, 170))
-    for i, m in enumerate(modes):
-        a, s = results["accuracy"][m], results["stderr"][m]
-        x0 = left + 10 + i * bw
-        d.rectangle([x0, H - bottom - a * ph, x0 + bw - 20, H - bottom], fill=fills[m])
-        xc = x0 + (bw - 20) / 2
-        d.line([xc, H - bottom - min(1, a + 2 * s) * ph, xc, H - bottom - max(0, a - 2 * s) * ph], fill="black")
-        d.text((x0, H - bottom + 6), m, fill="black")
-        d.text((x0, H - bottom - a * ph - 14), f"{a:.3f}", fill="black")
-    img.save(path)
-
-
-def run(cfg: ToyConfig):
-    """The pipeline, stage after stage as the module docstring lists them (one long function on purpose: it is
-    the recipe). Writes results.json and results.png under cfg.out and returns the results."""
-    import torch
-    import pca as pca_lib
-    from data import TargetsConfig, TargetCache, extract_targets, read_jsonl
-    from common import atomic_write_text
-    from train import fit_basis
-    import tiny
-    if cfg.quick:
-        cfg = dataclasses.replace(cfg, **QUICK)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    t0 = time.time()
-    families = tuple(f for f in cfg.families.split(",") if f)
-    for f in families:
-        if f not in MAKERS:
-            raise ValueError(f"unknown family {f!r}; expected some of {FAMILIES}")
-    for sub in ("data", "cache", "eval", "tiny", "base", "gap", "dense_caption", "hidden", "encoder", "valr_stage1",
-                "valr"):
-        shutil.rmtree(os.path.join(cfg.out, sub), ignore_errors=True)
-    os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
-    paths = write_world(os.path.join(cfg.out, "data"), cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed,
-                        cfg.image_size, families)
-    n_unique = check_world(paths)
-    print(f"world: {n_unique} unique (image, question) pairs over train/val/test -> {cfg.out}/data")
-    tiny_dir = tiny.build_tiny(os.path.join(cfg.out, "tiny"), cfg.hidden, cfg.layers, seed=cfg.seed,
-                               texts=corpus(paths))
-    scale_vision(tiny_dir, cfg.vision_scale)
-    base = train_stage(cfg, "base", tiny_dir, paths["train"], latent_tokens=0, train_vision=cfg.base_train_vision,
-                       epochs=cfg.base_epochs, lr=cfg.lr, head_lr=cfg.lr)
-    K = cfg.latent_tokens
-    cache_dir = os.path.join(cfg.out, "cache")
-    extract_targets(TargetsConfig(model=base, data=paths["train"], latent_tokens=K, cache_dir=cache_dir,
-                                  batch_size=64))
-    basis = fit_basis(TargetCache(cache_dir, K), read_jsonl(paths["train"])[0], cfg.pca_var, 0, 1)
-    pca_path = os.path.join(cfg.out, "cache", "pca.safetensors")
-    pca_lib.save(pca_path, basis)
-    print(f"PCA: k={basis['k']} of d={basis['P'].shape[0]}, var={basis['var']}, rel_mse={basis['rel_mse']:.4f}")
-    scored_path = os.path.join(cfg.out, "data", "train.scored.jsonl")
-    scored = difficulty(cfg, base, paths["train"], scored_path)
-    n_latent = sum(r["accuracy"] <= cfg.difficulty_tau for r in scored)
-    print(f"difficulty: {n_latent}/{len(scored)} training examples get latent supervision (tau={cfg.difficulty_tau})")
-    ft = dict(epochs=cfg.epochs, lr=cfg.ft_lr, head_lr=cfg.ft_lr, difficulty_tau=cfg.difficulty_tau,
-              target_cache=cache_dir)
-    ckpts = dict(base=base,
-                 gap=train_stage(cfg, "gap", base, scored_path, latent_tokens=K, latent_head="pca", pca_path=pca_path,
-                                 **ft),
-                 dense_caption=train_stage(cfg, "dense_caption", base, scored_path, latent_tokens=0, **ft),
-                 hidden=train_stage(cfg, "hidden", base, scored_path, latent_tokens=K, latent_head="hidden",
-                                    pca_path=pca_path, **ft))
-    runs = dict(base=(ckpts["base"], "model"), model=(ckpts["gap"], "model"), zero=(ckpts["gap"], "zero"),
-                noise=(ckpts["gap"], "noise"), dense_caption=(ckpts["dense_caption"], "model"),
-                hidden=(ckpts["hidden"], "model"))
-    if cfg.valr:
-        runs["valr"] = (train_valr(cfg, base, scored_path, pca_path), "model")
-    acc, err, per_family, latent_used, answered = {}, {}, {}, {}, {}
-    fam_of = {}
-    with open(paths["test"]) as f:
-        for line in f:
-            r = json.loads(line)
-            fam_of[r["id"]] = r["family"]
-    for name, (ckpt, mode) in runs.items():
-        summary, res = evaluate(cfg, ckpt, mode, paths["test"])
-        acc[name], err[name] = summary["accuracy"], summary["stderr"]
-        per_family[name] = {f: sum(r["correct"] for r in res if fam_of[r["id"]] == f) /
-                            max(1, sum(fam_of[r["id"]] == f for r in res)) for f in families}
-        latent_used[name] = sum("<latent>" in r["response"] for r in res) / max(1, len(res))
-        answered[name] = sum("<answer>" in r["response"] for r in res) / max(1, len(res))
-    vision, latent_pca, forced_pca = latent_norms(cfg, ckpts["gap"], paths["test"])
-    _, latent_hidden, forced_hidden = latent_norms(cfg, ckpts["hidden"], paths["test"])
-    n_test = len(fam_of)
-    results = dict(n_test=n_test, accuracy=acc, stderr=err,
-                   pca=dict(k=basis["k"], var=basis["var"], rel_mse=basis["rel_mse"]),
-                   norms=dict(vision_embed=vision, latent_pca=latent_pca, latent_hidden=latent_hidden,
-                              forced_pca=forced_pca, forced_hidden=forced_hidden),
-                   per_family=per_family, latent_rate=latent_used, answer_rate=answered,
-                   difficulty=dict(n_train=len(scored), n_latent=n_latent, tau=cfg.difficulty_tau, samples=cfg.samples),
-                   gaps_in_stderr={m: (acc["model"] - acc[m]) / max(1e-12, math.hypot(err["model"], err[m]))
-                                   for m in runs if m != "model"},
-                   config=dataclasses.asdict(cfg), wall_s=round(time.time() - t0, 1))
-    atomic_write_text(os.path.join(cfg.out, "results.json"), json.dumps(results, indent=2) + "\n")
-    plot(results, os.path.join(cfg.out, "results.png"))
-    print(f"\n{'variant':<14}{'accuracy':>10}{'stderr':>9}{'latent%':>9}{'answer%':>9}  " +
-          "  ".join(f"{f:>8}" for f in families))
-    for m in runs:
-        print(f"{m:<14}{acc[m]:>10.4f}{err[m]:>9.4f}{100 * latent_used[m]:>8.0f}%{100 * answered[m]:>8.0f}%  " +
-              "  ".join(f"{per_family[m][f]:>8.3f}" for f in families))
-    print(f"model - zero = {results['gaps_in_stderr']['zero']:.1f} stderr, model - noise = "
-          f"{results['gaps_in_stderr']['noise']:.1f} stderr  (n_test={n_test})")
-    print(f"norms: vision {vision:.3f}, latent pca {latent_pca:.3f}, latent hidden {latent_hidden:.3f}; "
-          f"PCA k={basis['k']} rel_mse={basis['rel_mse']:.4f}; {results['wall_s']:.0f} s -> {cfg.out}/results.json")
-    return results
+        x = left + t * pw
+        d.line([x, top - 4, x, H - 24], fill=(220, 220, 220))
+        d.text((x - 10, H - 20), f"{t:.2f}", fill="black")
+    for i, label in enumerate(labels):
+        v, y = res["variants"][label], top + i * row
+        d.text((6, y + 4), label, fill="black")
+        d.rectangle([left, y + 4, left + v["mean"] * pw, y + row - 4], fill=(120, 160, 210))
+        for a in v["seeds"].values():
+            x = left + a * pw
+            d.ellipse([x - 3, y + row / 2 - 3, x + 3, y + row / 2 + 3], fill=(20, 20, 20))
+        d.text((left + v["mean"] * pw + 8, y + 4), f"{v['mean']:.3f}", fill="black")
+    img.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
 
 
 if __name__ == "__main__":
