@@ -6,12 +6,13 @@ latents carry (paper sections 3-5: the norm gap of Fig. 2 / Table 1, the variant
     python toy.py --full     # the whole grid: 3 seeds, K in {1,4,16}, every variant, tau chosen on validation
     python toy.py --quick    # the quick start at smoke-test size (test_toy.py runs it)
 
-Task families. Query images are 4 x 4 grids of 14 px cells (one ViT patch each, a flat colour). The auxiliary
+Task families (toy_world.py). Query images are 4 x 4 grids of flat-colour 28 px cells (one merged vision token
+each). The auxiliary
 image is never shown to the student, only its frozen-tower embeddings (the latent targets); it differs between
 examples that share an answer, and the <parser> text describes it without stating the answer:
   compare  "Are there more red cells than blue cells?"  -> yes/no     aux: the red cells lined up in row 1, the
            blue ones in row 3 (two tallies; the answer needs a comparison after them)
-  total    "How many red and blue cells are there together?" -> 2..8  aux: the same two tallies (the answer
+  total    "How many red and blue cells are there together?" -> 3..7  aux: the same two tallies (the answer
            needs an addition after them; the parser names the two counts, never their sum)
   neighbor "What colour is the cell right of the black cell?" -> colour   aux: the 2 x 2 block with the black
            cell at its top left, zoomed in (the answer is one of its four cells; the parser names none)
@@ -20,8 +21,8 @@ Splits: `pretrain` (the base is trained on it, answering directly: the stand-in 
 difficulty is measured on examples the base never saw), `train` (difficulty, every fine-tuned variant), `val`
 (the only split settings are chosen on), `test` (evaluated once per final configuration).
 
-The 7B norm regime (--norm_ratio 8.6): the base's vision tower output is scaled so that vision embeddings sit
-~50x the text-embedding norm, and after the base stage its final norm weight is multiplied by c and its LM head
+The 7B norm regime (--norm_ratio 8.6): the base's vision tower output is scaled x40 (vision embeddings tens of
+times the text-embedding norm, 7B: ~50x), and after the base stage its final norm weight is multiplied by c and its LM head
 divided by c (logits unchanged), with c set so the final normalized state is --norm_ratio x the query-image
 embedding norm, as in Qwen2.5-VL-7B (paper Fig. 2b). norms.py draws the toy's Fig. 2 (out/toy/norms.png).
 
@@ -74,8 +75,9 @@ class ToyConfig:
     ft_lr: float = field(default=1e-3, metadata={"help": "peak learning rate (backbone and head) of fine-tuning"})
     samples: int = field(default=8, metadata={"help": "N sampled base answers per example (difficulty)"})
     difficulty_temperature: float = field(default=1.0, metadata={"help": "sampling temperature for difficulty"})
-    difficulty_tau: float = field(default=0.5, metadata={"help": "quick start: latent supervision where accuracy <= "
-                                                                 "tau (--full chooses it on val among --taus)"})
+    # 0.75: what --full chose on the validation split among 0.25, 0.5, 0.75 (README "Quick start")
+    difficulty_tau: float = field(default=0.75, metadata={"help": "quick start: latent supervision where accuracy <= "
+                                                                  "tau (--full chooses it on val among --taus)"})
     taus: str = field(default="0.25,0.5,0.75", metadata={"help": "--full: DA thresholds tried on the validation split"})
     max_new_tokens: int = field(default=64, metadata={"help": "generated tokens per answer, latents included"})
     eval_batch: int = field(default=64, metadata={"help": "prompts per generation batch"})
