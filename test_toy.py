@@ -216,7 +216,13 @@ def test_quick_full_grid(tmp_path):
     for t, n in res["difficulty"]["kept_latent"].items():
         assert n == sum(r["accuracy"] <= float(t) for r in scored)
     assert all(len(r["answers"]) == toy.QUICK["samples"] for r in scored)
-    assert abs(res["norms"]["ratio"] / 8.6 - 1) < 0.2  # the 7B regime, measured on test prompts
+    assert abs(res["norms"]["ratio"] / 8.6 - 1) < 0.2  # the 7B regime, measured on validation prompts
+    # one aux image gives one target at every K, and distinct aux images distinct targets (one patch per cell at K=4)
+    aux = set()
+    for r in _read(tmp_path / "data" / "train.jsonl"):
+        with open(tmp_path / "data" / r["aux_image"], "rb") as f:
+            aux.add(f.read())
+    assert res["world"]["train_targets"] == {"1": len(aux), "4": len(aux)}
     for name in ("results.png", "norms.png", "results.md"):
         assert (tmp_path / name).stat().st_size > 0
 

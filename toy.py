@@ -75,9 +75,9 @@ class ToyConfig:
     ft_lr: float = field(default=1e-3, metadata={"help": "peak learning rate (backbone and head) of fine-tuning"})
     samples: int = field(default=8, metadata={"help": "N sampled base answers per example (difficulty)"})
     difficulty_temperature: float = field(default=1.0, metadata={"help": "sampling temperature for difficulty"})
-    # 0.75: what --full chose on the validation split among 0.25, 0.5, 0.75 (README "Quick start")
-    difficulty_tau: float = field(default=0.75, metadata={"help": "quick start: latent supervision where accuracy <= "
-                                                                  "tau (--full chooses it on val among --taus)"})
+    # 0.5: what --full chose on the validation split among 0.25, 0.5, 0.75 (README "Quick start")
+    difficulty_tau: float = field(default=0.5, metadata={"help": "quick start: latent supervision where accuracy <= "
+                                                                 "tau (--full chooses it on val among --taus)"})
     taus: str = field(default="0.25,0.5,0.75", metadata={"help": "--full: DA thresholds tried on the validation split"})
     max_new_tokens: int = field(default=64, metadata={"help": "generated tokens per answer, latents included"})
     eval_batch: int = field(default=64, metadata={"help": "prompts per generation batch"})
@@ -241,6 +241,12 @@ def oracle_targets(cfg, base, path, K):
     return {r["id"]: cache.get(r["id"], aux_hash(r)).float() for r in read_jsonl(path)[0]}
 
 
+def distinct_targets(cache, rows):
+    """How many distinct (K, d) target tensors the rows have (bitwise: one aux image always gives one target)."""
+    from data import aux_hash
+    return len({cache.get(r["id"], aux_hash(r)).numpy().tobytes() for r in rows})
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the grid: what is trained, what is evaluated, what is compared
 
@@ -258,7 +264,8 @@ def train_variants(cfg, K, full):
 # (a, b): a - b is tested, paired on the same test items
 COMPARISONS = [("GAP", "GAP zero"), ("GAP", "GAP shuffled"), ("GAP", "GAP noise"), ("GAP oracle", "GAP"),
                ("GAP", "dense caption"), ("GAP", "hidden"), ("hidden + EMA", "hidden"), ("GAP", "base"),
-               ("dense caption", "base"), ("GAP", "full head"), ("GAP", "GAP no DA")]
+               ("dense caption", "base"), ("GAP", "full head"), ("GAP", "GAP no DA"), ("VaLR", "GAP"),
+               ("VaLR", "hidden")]
 
 
 def ints(text):
@@ -340,7 +347,7 @@ def run(cfg: ToyConfig):
     paths = write_world(os.path.join(cfg.out, "data"), sizes, cfg.seed, cfg.image_size)
     print(f"world: {check_world(paths)} unique (image, question) pairs over {', '.join(SPLITS)} -> {cfg.out}/data")
     rows = {s: read_jsonl(p)[0] for s, p in paths.items()}
-    world = {s: world_stats(paths[s]) for s in ("train", "test")}
+    world = {s: world_stats(paths[s]) for s in ("train", "test")} | {"train_targets": {}}
     test = rows[cfg.eval_split]
 
     # 2. the base: a tiny Qwen2.5-VL trained to answer directly on the pretrain split, then the 7B norm regime
@@ -365,6 +372,7 @@ def run(cfg: ToyConfig):
         extract_targets(TargetsConfig(model=base, data=paths["train"], latent_tokens=k, cache_dir=cache_dir,
                                       batch_size=64))
         bases[k] = fit_basis(TargetCache(cache_dir, k), rows["train"], cfg.pca_var, 0, 1)
+        world["train_targets"][str(k)] = distinct_targets(TargetCache(cache_dir, k), rows["train"])
         pca_paths[k] = os.path.join(cache_dir, f"pca_K{k}.safetensors")
         pca_lib.save(pca_paths[k], bases[k])
         print(f"PCA K={k}: k={bases[k]['k']} of d={bases[k]['P'].shape[0]}, rel_mse={bases[k]['rel_mse']:.4f}")
@@ -523,7 +531,9 @@ def markdown(res):
                f"{n['c']:.2f}); fed back per variant: " + ", ".join(f"{k} {v:.2f}" for k, v in n["fed_back"].items()))
     out.append("\nWorld (train split): " + "; ".join(f"{f}: {w['aux_images']} distinct aux images over {w['answers']} "
                                                       f"answers (at least {w['min_aux_per_answer']} per answer)"
-                                                      for f, w in res["world"]["train"].items()))
+                                                      for f, w in res["world"]["train"].items())
+               + "; distinct latent targets over the split: " + ", ".join(
+                   f"K={k}: {n}" for k, n in res["world"]["train_targets"].items()))
     d = res["difficulty"]
     out.append(f"\nDifficulty ({d['samples']} base samples per example): kept latent at tau " +
                ", ".join(f"{t}: {k}/{d['n_train']}" for t, k in d["kept_latent"].items()))
