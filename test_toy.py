@@ -223,6 +223,7 @@ def test_quick_full_grid(tmp_path):
         with open(tmp_path / "data" / r["aux_image"], "rb") as f:
             aux.add(f.read())
     assert res["world"]["train_targets"] == {"1": len(aux), "4": len(aux)}
+    assert res["code"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", res["code"])  # what made the numbers
     for name in ("results.png", "norms.png", "results.md"):
         assert (tmp_path / name).stat().st_size > 0
 

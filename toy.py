@@ -263,9 +263,10 @@ def train_variants(cfg, K, full):
 
 # (a, b): a - b is tested, paired on the same test items
 COMPARISONS = [("GAP", "GAP zero"), ("GAP", "GAP shuffled"), ("GAP", "GAP noise"), ("GAP oracle", "GAP"),
-               ("GAP", "dense caption"), ("GAP", "hidden"), ("hidden + EMA", "hidden"), ("GAP", "base"),
-               ("dense caption", "base"), ("GAP", "full head"), ("GAP", "GAP no DA"), ("VaLR", "GAP"),
-               ("VaLR", "hidden")]
+               ("GAP", "dense caption"), ("GAP", "hidden"), ("hidden + EMA", "hidden"), ("GAP", "hidden + EMA"),
+               ("GAP zero", "dense caption"), ("GAP", "base"),
+               ("dense caption", "base"), ("GAP", "full head"), ("GAP", "GAP no DA"), ("GAP", "GAP K=1"),
+               ("GAP", "GAP K=16"), ("VaLR", "GAP"), ("VaLR", "hidden")]
 
 
 def ints(text):
@@ -460,13 +461,26 @@ def run(cfg: ToyConfig):
                    comparisons=comparisons, shuffled=shuffled, norms=norms, world=world,
                    difficulty=dict(n_train=len(scored), samples=cfg.samples, kept_latent=kept),
                    pca={str(k): dict(k=b["k"], rel_mse=b["rel_mse"]) for k, b in bases.items()},
-                   config=dataclasses.asdict(cfg), wall_s=round(time.time() - t0, 1))
+                   config=dataclasses.asdict(cfg), code=code_version(), wall_s=round(time.time() - t0, 1))
     atomic_write_text(os.path.join(cfg.out, "results.json"), json.dumps(results, indent=2) + "\n")
     atomic_write_text(os.path.join(cfg.out, "results.md"), markdown(results))
     plot(results, os.path.join(cfg.out, "results.png"))
     print("\n" + markdown(results))
     print(f"{results['wall_s']:.0f} s -> {cfg.out}/results.json, results.md, results.png, norms.png")
     return results
+
+
+def code_version():
+    """The git commit this file was run from (+ "-dirty" with uncommitted changes), or None outside a checkout."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def toy_encoder(out_dir, image_size, seed):
@@ -561,7 +575,7 @@ def plot(res, path):
         for a in v["seeds"].values():
             x = left + a * pw
             d.ellipse([x - 3, y + row / 2 - 3, x + 3, y + row / 2 + 3], fill=(20, 20, 20))
-        d.text((left + v["mean"] * pw + 8, y + 4), f"{v['mean']:.3f}", fill="black")
+        d.text((left + pw + 8, y + 4), f"{v['mean']:.3f}", fill="black")  # right of the axis, clear of the dots
     img.save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
 
