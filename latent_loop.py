@@ -115,8 +115,13 @@ def latent_steps(model, head, latent_ids, latent_tokens, input_ids, attention_ma
     check_modes(latent_mode, norm_calib)
     if (latent_mode == "given") != (given is not None):
         raise ValueError("latent_mode='given' and the `given` latents (B, K, D) go together")
-    if given is not None and tuple(given.shape[:2]) != (input_ids.shape[0], latent_tokens):
-        raise ValueError(f"given latents {tuple(given.shape)}, expected ({input_ids.shape[0]}, K={latent_tokens}, D)")
+    if given is not None:
+        d = model.get_input_embeddings().embedding_dim
+        if tuple(given.shape) != (input_ids.shape[0], latent_tokens, d):
+            raise ValueError(f"given latents {tuple(given.shape)}, expected ({input_ids.shape[0]}, K={latent_tokens}, "
+                             f"D={d})")
+        if norm_calib != "none":  # a control feeds exactly what it is given
+            raise ValueError(f"given latents are fed as they are: norm_calib must be 'none', got {norm_calib!r}")
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded (the last column real in every row): with right padding a "
                          "row's next token would follow its padding")

@@ -1,10 +1,12 @@
 """Paired statistics for comparing two systems on the same test items (toy.py uses them; stdlib only, copyable).
 
     mcnemar(a, b)            exact two-sided McNemar test on paired 0/1 outcomes
-    paired_bootstrap(a, b)   mean difference of paired scores, its 95% bootstrap interval and a two-sided p
+    paired_bootstrap(a, b)   mean difference of paired scores over runs (seeds) and items, its 95% bootstrap
+                             interval and a two-sided p, resampling items and runs
     mean_sd(xs)              mean and sample standard deviation (over training seeds)
 
-a and b are sequences over the same items in the same order (0/1 correctness, or per-item means over seeds).
+mcnemar's a and b are 0/1 outcomes over the same items in the same order; paired_bootstrap's are one such list per
+run (training seed).
 """
 import math
 import random
@@ -25,15 +27,25 @@ def mcnemar(a, b):
 
 
 def paired_bootstrap(a, b, n_boot=10000, seed=0):
-    """Mean of a - b over items, the 2.5% / 97.5% percentiles of that mean over n_boot resamples of the items
-    (the same items for both systems: the pairing is kept), and a two-sided p: twice the share of resampled
-    means on the other side of zero (floored at 1 / n_boot). Returns dict(diff, lo, hi, p, n)."""
-    if len(a) != len(b) or not len(a):
-        raise ValueError(f"paired scores must be non-empty and of one length: {len(a)} vs {len(b)}")
-    d = [float(x) - float(y) for x, y in zip(a, b)]
-    n, rng = len(d), random.Random(seed)
-    means = sorted(sum(rng.choices(d, k=n)) / n for _ in range(n_boot))
-    diff = sum(d) / n
+    """Mean of a - b, its 95% bootstrap interval and a two-sided p, for two systems scored on the same items.
+    a, b: one list of per-item scores per run (a run: one training seed; every run over the same items in the same
+    order; a system with one run, e.g. an untrained base, may be given as that run repeated). Each resample draws
+    the items with replacement, the same items for both systems and every run (the pairing is kept), and, with
+    several runs, the runs with replacement too, so the interval and p include the spread between training seeds,
+    not only the test items'. The interval is the 2.5% / 97.5% percentiles of the resampled means; p is twice the
+    share of resampled means on the other side of zero (floored at 1 / n_boot). Returns dict(diff, lo, hi, p, n)."""
+    if len(a) != len(b) or not len(a) or len({len(r) for r in a} | {len(r) for r in b}) != 1 or not len(a[0]):
+        raise ValueError(f"paired scores must be non-empty runs over one set of items: {len(a)} vs {len(b)} runs of "
+                         f"{sorted({len(r) for r in a} | {len(r) for r in b})} items")
+    d = [[float(x) - float(y) for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]  # (runs, items)
+    n_runs, n, rng = len(d), len(d[0]), random.Random(seed)
+    means = []
+    for _ in range(n_boot):
+        items = rng.choices(range(n), k=n)
+        runs = rng.choices(range(n_runs), k=n_runs) if n_runs > 1 else [0]
+        means.append(sum(sum(d[r][i] for i in items) for r in runs) / (len(runs) * n))
+    means.sort()
+    diff = sum(map(sum, d)) / (n_runs * n)
     below = sum(m <= 0 for m in means) / n_boot
     above = sum(m >= 0 for m in means) / n_boot
     p = 1.0 if diff == 0 else max(1.0 / n_boot, min(1.0, 2 * min(below, above)))

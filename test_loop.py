@@ -202,5 +202,8 @@ def test_given_latents_are_fed_slot_by_slot(world, gap, mix):
     torch.testing.assert_close(torch.stack(fed), other[2])
     with pytest.raises(ValueError, match="given"):
         list(latent_loop.latent_steps(*args, max_new_tokens=4, latent_mode="given"))
-    with pytest.raises(ValueError, match="given latents"):
-        list(latent_loop.latent_steps(*args, max_new_tokens=4, latent_mode="given", given=given[:, :1]))
+    for wrong in (given[:, :1], given[..., :-1]):  # K or D off
+        with pytest.raises(ValueError, match="given latents"):
+            list(latent_loop.latent_steps(*args, max_new_tokens=4, latent_mode="given", given=wrong))
+    with pytest.raises(ValueError, match="norm_calib"):
+        list(latent_loop.latent_steps(*args, max_new_tokens=4, latent_mode="given", given=given, norm_calib="ema"))

@@ -158,10 +158,20 @@ def test_stats():
     assert stats.mcnemar([1] * 10 + [0] * 2 + [1] * 5, [0] * 10 + [1] * 2 + [1] * 5) == (10, 2, 79 / 2048)
     assert stats.mcnemar([1, 0], [1, 0]) == (0, 0, 1.0)
     a, b = [1] * 60 + [0] * 40, [1] * 45 + [0] * 55
-    boot = stats.paired_bootstrap(a, b, n_boot=2000)
+    boot = stats.paired_bootstrap([a], [b], n_boot=2000)
     assert boot["diff"] == pytest.approx(0.15) and boot["lo"] < 0.15 < boot["hi"] and boot["p"] < 0.01
-    assert stats.paired_bootstrap(a, a, n_boot=200)["p"] == 1.0
-    assert stats.paired_bootstrap([1, 0] * 50, [0, 1] * 50, n_boot=2000)["p"] > 0.5  # same accuracy, unpaired items
+    assert stats.paired_bootstrap([a], [a], n_boot=200)["p"] == 1.0
+    assert stats.paired_bootstrap([[1, 0] * 50], [[0, 1] * 50], n_boot=2000)["p"] > 0.5  # same accuracy, unpaired items
+    # two items, differences 1 and 0: a resample's mean is 0, 1/2 or 1 with chances 1/4, 1/2, 1/4 -> p = 2 * 1/4
+    two = stats.paired_bootstrap([[1, 1]], [[0, 1]], n_boot=20000)
+    assert (two["lo"], two["hi"]) == (0.0, 1.0) and two["p"] == pytest.approx(0.5, abs=0.02)
+    # two runs (seeds) that disagree, every item alike within a run: only resampling the runs shows the spread
+    # (both runs drawn: mean 1/2; run 0 twice: 1; run 1 twice: 0, chance 1/4 -> p = 1/2); items alone would give
+    # a point interval at 1/2 and p = 1 / n_boot
+    runs = stats.paired_bootstrap([[1] * 50, [0] * 50], [[0] * 50, [0] * 50], n_boot=20000)
+    assert runs["diff"] == 0.5 and (runs["lo"], runs["hi"]) == (0.0, 1.0) and runs["p"] == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(ValueError, match="runs"):
+        stats.paired_bootstrap([a], [b[:-1]])
     assert stats.mean_sd([0.5, 0.7]) == pytest.approx((0.6, math.sqrt(0.02)))
 
 
@@ -200,8 +210,9 @@ def test_quick_full_grid(tmp_path):
                 assert v["seeds"][str(s)] == pytest.approx(sum(per_item[label, s]) / len(test))
             if label in ("base", "dense caption", "GAP zero"):  # no span can be opened: never trained, or banned
                 assert not any("<latent>" in r["response"] for r in results)
-            if label == "GAP shuffled":
-                assert all(test[r["donor"]]["family"] == r["family"] and r["donor"] != r["id"]
+            if label == "GAP shuffled":  # donor and placebo: two other rows of the row's evidence pool
+                assert all(toy.evidence_pool(test[r["donor"]]) == toy.evidence_pool(test[r["placebo"]])
+                           == toy.evidence_pool(r) and len({r["id"], r["donor"], r["placebo"]}) == 3
                            for r in results if "donor" in r)
         accs = [sum(per_item[label, s]) / len(test) for s in seeds]
         assert (v["mean"], v["sd"]) == pytest.approx(stats.mean_sd(accs))
@@ -223,13 +234,18 @@ def test_quick_full_grid(tmp_path):
         with open(tmp_path / "data" / r["aux_image"], "rb") as f:
             aux.add(f.read())
     assert res["world"]["train_targets"] == {"1": len(aux), "4": len(aux)}
+    seen = []
+    for r in test.values():
+        with open(tmp_path / "data" / r["aux_image"], "rb") as f:
+            seen.append(f.read() in aux)
+    assert res["world"]["eval_aux_in_train"] == pytest.approx(sum(seen) / len(seen))
     assert res["code"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", res["code"])  # what made the numbers
     for name in ("results.png", "norms.png", "results.md"):
         assert (tmp_path / name).stat().st_size > 0
 
 
 def test_summaries_and_paired_comparisons():
-    """summarize / compare / follows_donor on hand-made evaluation results (the --quick models answer nothing
+    """summarize / compare / follows on hand-made evaluation results (the --quick models answer nothing
     right, so the grid test alone could not tell a and b apart)."""
     def res(correct, fam="total"):
         return [dict(id=f"x{i}", family=fam if i % 2 else "compare", answer=str(i), pred=str(i) if c else "9",
@@ -247,5 +263,25 @@ def test_summaries_and_paired_comparisons():
     # x1's donor x2 (answer "2"): x1 answered "1" (its own); x3's donor x4: x3 answered "4" (the donor's)
     shuffled = res([1, 1, 1, 0, 1, 1])
     shuffled[3]["pred"] = "4"
-    f = toy.follows_donor(shuffled, {"x1": "x2", "x3": "x4"}, {f"x{i}": str(i) for i in range(6)})
-    assert f == dict(n=2, donor=0.5, own=0.5)
+    f = toy.follows(shuffled, {"x1": "x2", "x3": "x4"}, {f"x{i}": str(i) for i in range(6)})
+    assert f == dict(n=2, other=0.5, own=0.5)
+    with pytest.raises(ValueError, match="pairing"):  # b scored on other items, or in another order
+        toy.compare({"A": a, "B": {0: b[0][::-1], 1: b[1]}}, "A", "B", [0, 1])
+
+
+def test_donors_share_the_evidence_pool():
+    """A neighbor row's donor and placebo ask about the same side (the donor's block then implies the donor's
+    answer under the row's question); compare rows draw from compare rows; a pool without two other spans gives
+    no donor."""
+    side = ["right of", "below"]
+    rows = [dict(id=f"n{i}", family="neighbor", question=f"What colour is the cell {side[i % 2]} the black cell?")
+            for i in range(10)] + [dict(id=f"c{i}", family="compare", question="Are there more red cells than blue "
+                                                                               "cells?") for i in range(4)]
+    latents = {r["id"]: None for r in rows if r["id"] != "c3"}  # c3 opened no span: never a donor
+    donor, placebo = toy.donors(rows, latents, seed=0)
+    by_id = {r["id"]: r for r in rows}
+    assert set(donor) == set(placebo) == {r["id"] for r in rows}
+    for i in donor:
+        assert len({i, donor[i], placebo[i]}) == 3 and "c3" not in (donor[i], placebo[i])
+        assert {by_id[donor[i]]["question"], by_id[placebo[i]]["question"]} == {by_id[i]["question"]}
+    assert toy.donors(rows[:3], latents, seed=0) == ({}, {})  # n0 and n2 (right of) have one other each; n1 none

@@ -42,7 +42,7 @@ from dataclasses import field
 
 from PIL import Image, ImageDraw
 
-from toy_world import SPLITS, check_world, corpus, world_stats, write_world
+from toy_world import SPLITS, check_world, corpus, shared_aux, world_stats, write_world
 
 
 @dataclasses.dataclass
@@ -179,17 +179,18 @@ def difficulty(cfg, ckpt, data, out_path):
         return [json.loads(line) for line in f]
 
 
-def evaluate(cfg, ckpt, rows, path, mode="model", norm_calib="none", given=None, tags=None):
+def evaluate(cfg, ckpt, rows, path, mode="model", norm_calib="none", given=None, tags=None, seed=None):
     """Greedy answers of a checkpoint on rows through latent_loop.latent_steps (the loop infer.py runs), scored
     with answers.py. mode: model | zero | noise | given (given: {id: (K, D) latents}, fed in every span the row
-    opens). Writes one JSON line per row to `path` (with tags[id], if given); returns (results, {id: the (K, D) latents of its first span})."""
+    opens). seed: of the noise draws (default cfg.seed). Writes one JSON line per row to `path` (with tags[id], if
+    given); returns (results, {id: the (K, D) latents of its first span})."""
     import torch
     import infer
     import latent_loop
     from answers import answers_match, extract_answer
     from common import atomic_write_text
-    ic = infer.InferConfig(ckpt=ckpt, latent_mode=mode, norm_calib=norm_calib, seed=cfg.seed,
-                           max_new_tokens=cfg.max_new_tokens)
+    ic = infer.InferConfig(ckpt=ckpt, latent_mode=mode, norm_calib=norm_calib, max_new_tokens=cfg.max_new_tokens,
+                           seed=cfg.seed if seed is None else seed)
     runner = infer.Runner(ic)
     gap, K = runner.gap, runner.gap.latent_tokens
     results, latents = [], {}
@@ -218,18 +219,26 @@ def evaluate(cfg, ckpt, rows, path, mode="model", norm_calib="none", given=None,
     return results, latents
 
 
+def evidence_pool(r):
+    """Rows whose aux images answer each other's questions alike: one family, and for neighbor one side ("right
+    of" / "below"), so that a donor's evidence read under the row's question gives the donor's own answer."""
+    return r["family"], r["family"] == "neighbor" and "below" in r["question"]
+
+
 def donors(rows, latents, seed):
-    """Shuffled control: for each row, another row of its family whose GAP run opened a span (seeded). {id: id}."""
+    """Shuffled control: for each row a donor and a placebo, two other rows of its evidence pool whose GAP run
+    opened a span (seeded). The donor's latents are fed in the row's place; the placebo is fed nothing: how often the
+    row's answer is the placebo's answer is the chance level of "follows the donor". ({id: donor}, {id: placebo})."""
     rng, pool = random.Random(f"shuffle-{seed}"), {}
     for r in rows:
         if r["id"] in latents:
-            pool.setdefault(r["family"], []).append(r["id"])
-    out = {}
+            pool.setdefault(evidence_pool(r), []).append(r["id"])
+    donor, placebo = {}, {}
     for r in rows:
-        others = [i for i in pool.get(r["family"], []) if i != r["id"]]
-        if others:
-            out[r["id"]] = rng.choice(others)
-    return out
+        others = [i for i in pool.get(evidence_pool(r), []) if i != r["id"]]
+        if len(others) >= 2:
+            donor[r["id"]], placebo[r["id"]] = rng.sample(others, 2)
+    return donor, placebo
 
 
 def oracle_targets(cfg, base, path, K):
@@ -298,29 +307,32 @@ def summarize(res):
 
 
 def compare(evals, a, b, seeds):
-    """Paired statistics of variant a vs b on the test items: per seed an exact McNemar test; over seeds a paired
-    bootstrap of the per-item correctness averaged over seeds."""
+    """Paired statistics of variant a vs b on the test items: per seed an exact McNemar test; over all seeds a
+    paired bootstrap that resamples the items and the seeds (its interval and p include the seed spread)."""
     import stats
     if a not in evals or b not in evals:
         return None
 
     def per_item(label, s):
-        return [r["correct"] for r in evals[label][s if s in evals[label] else "all"]]
+        res = evals[label][s if s in evals[label] else "all"]  # the base: one run, the same for every seed
+        ids = [r["id"] for r in res]
+        if ids != [r["id"] for r in evals[a][next(iter(evals[a]))]]:
+            raise ValueError(f"{label} (seed {s}) is not scored on {a}'s items in {a}'s order: no pairing")
+        return [r["correct"] for r in res]
 
     mc = [dict(seed=s, **dict(zip(("n10", "n01", "p"), stats.mcnemar(per_item(a, s), per_item(b, s)))))
           for s in seeds]
-    avg = [[sum(c) / len(seeds) for c in zip(*[per_item(x, s) for s in seeds])] for x in (a, b)]
-    boot = stats.paired_bootstrap(*avg)
+    boot = stats.paired_bootstrap(*[[per_item(x, s) for s in seeds] for x in (a, b)])
     return dict(a=a, b=b, diff=boot["diff"], lo=boot["lo"], hi=boot["hi"], p_bootstrap=boot["p"], mcnemar=mc)
 
 
-def follows_donor(res, donor_of, answer_of):
-    """Shuffled control: of the items whose donor has another answer, the share answered with the donor's answer
-    and the share answered correctly."""
+def follows(res, other_of, answer_of):
+    """Shuffled control: of the items whose other row (donor or placebo) has another answer, the share answered
+    with the other row's answer and the share answered correctly. dict(n, other, own)."""
     from answers import answers_match
-    items = [r for r in res if r["id"] in donor_of and answer_of[donor_of[r["id"]]] != r["answer"]]
-    follow = sum(bool(answers_match(r["pred"], answer_of[donor_of[r["id"]]], "")) for r in items)
-    return dict(n=len(items), donor=follow / max(1, len(items)), own=sum(r["correct"] for r in items) / max(1, len(items)))
+    items = [r for r in res if r["id"] in other_of and answer_of[other_of[r["id"]]] != r["answer"]]
+    other = sum(bool(answers_match(r["pred"], answer_of[other_of[r["id"]]], "")) for r in items)
+    return dict(n=len(items), other=other / max(1, len(items)), own=sum(r["correct"] for r in items) / max(1, len(items)))
 
 
 def run(cfg: ToyConfig):
@@ -349,6 +361,7 @@ def run(cfg: ToyConfig):
     print(f"world: {check_world(paths)} unique (image, question) pairs over {', '.join(SPLITS)} -> {cfg.out}/data")
     rows = {s: read_jsonl(p)[0] for s, p in paths.items()}
     world = {s: world_stats(paths[s]) for s in ("train", "test")} | {"train_targets": {}}
+    world["eval_aux_in_train"] = shared_aux(paths[cfg.eval_split], paths["train"])  # the oracle's aux images seen?
     test = rows[cfg.eval_split]
 
     # 2. the base: a tiny Qwen2.5-VL trained to answer directly on the pretrain split, then the 7B norm regime
@@ -416,15 +429,21 @@ def run(cfg: ToyConfig):
             if label != "GAP":
                 continue
             for mode in ("zero", "noise"):
-                res, _ = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}_{mode}.jsonl"), mode)
+                res, _ = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}_{mode}.jsonl"), mode,
+                                  seed=s)  # noise: each fine-tuning seed its own draws
                 evals.setdefault(f"GAP {mode}", {})[s] = res
-            donor_of = donors(test, lat, s)
-            zeros = torch.zeros_like(next(iter(oracle.values())))  # a row whose family has no other span
+            donor_of, placebo_of = donors(test, lat, s)
+            zeros = torch.zeros_like(next(iter(oracle.values())))  # a row whose pool has no two other spans
             given = {r["id"]: lat[donor_of[r["id"]]] if r["id"] in donor_of else zeros for r in test}
-            res, _ = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}_shuffled.jsonl"),
-                              "given", given=given, tags={i: dict(donor=d) for i, d in donor_of.items()})
+            res, _ = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}_shuffled.jsonl"), "given",
+                              given=given, seed=s, tags={i: dict(donor=d, placebo=placebo_of[i])
+                                                         for i, d in donor_of.items()})
             evals.setdefault("GAP shuffled", {})[s] = res
-            shuffled.append(dict(seed=s, with_donor=len(donor_of), **follows_donor(res, donor_of, answer_of)))
+            for fam in sorted({r["family"] for r in res}):
+                mine = [r for r in res if r["family"] == fam]
+                d, p = follows(mine, donor_of, answer_of), follows(mine, placebo_of, answer_of)
+                shuffled.append(dict(seed=s, family=fam, n=d["n"], donor=d["other"], own=d["own"], placebo_n=p["n"],
+                                     placebo=p["other"]))
             res, _ = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}_oracle.jsonl"),
                               "given", given=oracle)
             evals.setdefault("GAP oracle", {})[s] = res
@@ -536,9 +555,19 @@ def markdown(res):
         mc = ", ".join(f"{m['p']:.2g} ({m['n10']}/{m['n01']})" for m in c["mcnemar"])
         out.append(f"| {c['a']} - {c['b']} | {c['diff']:+.3f} | [{c['lo']:+.3f}, {c['hi']:+.3f}] | "
                    f"{c['p_bootstrap']:.2g} | {mc} |")
-    for s in res["shuffled"]:
-        out.append(f"\nShuffled latents, seed {s['seed']}: of {s['n']} items whose donor has another answer, "
-                   f"{100 * s['donor']:.0f}% answer the donor's answer, {100 * s['own']:.0f}% their own.")
+    if res["shuffled"]:
+        out += ["", "Shuffled latents, over the seeds: of the items whose donor (or placebo, fed nothing) has another "
+                    "answer, the share answered with the donor's (the placebo's) answer, and with their own:", "",
+                "| family | items (donor) | donor's answer | items (placebo) | placebo's answer | own answer |",
+                "|---|---|---|---|---|---|"]
+        for fam in sorted({x["family"] for x in res["shuffled"]}):
+            rows = [x for x in res["shuffled"] if x["family"] == fam]
+            n, pn = sum(x["n"] for x in rows), sum(x["placebo_n"] for x in rows)
+
+            def pooled(key, k="n"):
+                return 100 * sum(x[key] * x[k] for x in rows) / max(1, sum(x[k] for x in rows))
+            out.append(f"| {fam} | {n} | {pooled('donor'):.0f}% | {pn} | {pooled('placebo', 'placebo_n'):.0f}% | "
+                       f"{pooled('own'):.0f}% |")
     n = res["norms"]
     out.append(f"\nNorms (the base on validation prompts): vision embedding {n['vision_embed']:.2f}, final state {n['final']['last']:.2f}"
                f" ({n['ratio']:.2f}x; the base as trained: {n['ratio_trained'] or n['ratio']:.2f}x, final norm x "
@@ -547,7 +576,9 @@ def markdown(res):
                                                       f"answers (at least {w['min_aux_per_answer']} per answer)"
                                                       for f, w in res["world"]["train"].items())
                + "; distinct latent targets over the split: " + ", ".join(
-                   f"K={k}: {n}" for k, n in res["world"]["train_targets"].items()))
+                   f"K={k}: {n}" for k, n in res["world"]["train_targets"].items())
+               + f"; {100 * res['world']['eval_aux_in_train']:.0f}% of the {res['eval_split']} split's aux images "
+                 f"occur in the train split too")
     d = res["difficulty"]
     out.append(f"\nDifficulty ({d['samples']} base samples per example): kept latent at tau " +
                ", ".join(f"{t}: {k}/{d['n_train']}" for t, k in d["kept_latent"].items()))

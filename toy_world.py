@@ -148,17 +148,32 @@ def check_world(paths):
     return len(owner)
 
 
-def world_stats(path):
-    """Per family: examples, answer classes, distinct aux images, and the fewest distinct aux images of any
-    answer class (> 1: the aux image is not a code for the answer)."""
-    base, per = os.path.dirname(os.path.abspath(path)), {}
+def aux_keys(path):
+    """[(row, pixel hash of its aux image)] of a split's JSONL."""
+    base, out = os.path.dirname(os.path.abspath(path)), []
     with open(path) as f:
         for line in f:
             r = json.loads(line)
             with Image.open(os.path.join(base, r["aux_image"])) as im:
-                per.setdefault(r["family"], {}).setdefault(r["answer"], set()).add(image_key(im.convert("RGB")))
+                out.append((r, image_key(im.convert("RGB"))))
+    return out
+
+
+def world_stats(path):
+    """Per family: examples, answer classes, distinct aux images, and the fewest distinct aux images of any
+    answer class (> 1: the aux image is not a code for the answer)."""
+    per = {}
+    for r, key in aux_keys(path):
+        per.setdefault(r["family"], {}).setdefault(r["answer"], set()).add(key)
     return {fam: dict(answers=len(by), aux_images=len(set().union(*by.values())),
                       min_aux_per_answer=min(len(s) for s in by.values())) for fam, by in per.items()}
+
+
+def shared_aux(path, seen_path):
+    """The share of path's rows whose aux image (its pixels) also occurs in seen_path's rows."""
+    seen = {key for _, key in aux_keys(seen_path)}
+    rows = aux_keys(path)
+    return sum(key in seen for _, key in rows) / len(rows)
 
 
 def corpus(paths):
