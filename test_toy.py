@@ -285,3 +285,14 @@ def test_donors_share_the_evidence_pool():
         assert len({i, donor[i], placebo[i]}) == 3 and "c3" not in (donor[i], placebo[i])
         assert {by_id[donor[i]]["question"], by_id[placebo[i]]["question"]} == {by_id[i]["question"]}
     assert toy.donors(rows[:3], latents, seed=0) == ({}, {})  # n0 and n2 (right of) have one other each; n1 none
+
+
+def test_stats_copies_out_alone(tmp_path):
+    """stats.py runs from an empty directory holding only itself, with nothing of the project importable."""
+    import shutil
+    shutil.copy(os.path.join(HERE, "stats.py"), tmp_path)
+    code = ("import importlib.util; assert importlib.util.find_spec('toy') is None; import stats; "
+            "print(stats.mcnemar([1, 1, 0], [0, 1, 0]), stats.paired_bootstrap([[1, 1]], [[0, 1]], n_boot=100)['diff'])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=60)
+    assert proc.returncode == 0 and proc.stdout.split() == ["(1,", "0,", "1.0)", "0.5"], proc.stdout + proc.stderr
