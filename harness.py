@@ -156,10 +156,23 @@ def main(argv):
     if argv[0] == "vlmeval":
         register_vlmeval()
         from vlmeval.run import main as run
-    else:
-        register_lmms_eval()
-        from lmms_eval.__main__ import cli_evaluate as run
-    return run()
+        return run()
+    register_lmms_eval()
+    import lmms_eval.__main__ as cli
+    failed, evaluate_one = [], cli.cli_evaluate_single
+
+    def checked(args):  # lmms-eval logs a failed evaluation and exits 0; remember it and exit 1 instead
+        try:
+            return evaluate_one(args)
+        except Exception as e:
+            failed.append(e)
+            raise
+
+    cli.cli_evaluate_single = checked
+    cli.cli_evaluate()
+    if failed:
+        raise SystemExit(f"harness.py lmms_eval: {len(failed)} evaluation(s) failed, first: {failed[0]!r} "
+                         "(traceback above)")
 
 
 if __name__ == "__main__":

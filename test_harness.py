@@ -246,3 +246,15 @@ def test_lmms_eval_mmstar_task_scores_the_adapters_answers(world, examples, tmp_
     assert expected == 0.5 and score == pytest.approx(expected)
     latency = [json.loads(line) for line in open(tmp_path / "latency.jsonl")]
     assert [r["batch"] for r in latency] == [3] * 6 + [2] * 2  # --batch_size 3 over 8 requests
+
+
+def test_lmms_eval_failure_exits_nonzero(world, tmp_path):
+    """lmms-eval logs an evaluation that raised and exits 0; harness.py must exit 1 naming the error."""
+    task_dir = tmp_path / "tasks"
+    task_dir.mkdir()
+    (task_dir / "gap_mmstar_tiny.yaml").write_text(MMSTAR_TASK.format(parquet=tmp_path / "missing.parquet"))
+    (task_dir / "utils.py").write_text("from lmms_eval.tasks.mmstar.utils import *  # noqa: F401,F403\n")
+    p = run(["harness.py", "lmms_eval", "--model", "gap", "--model_args", f"ckpt={world['model']}",
+             "--tasks", "gap_mmstar_tiny", "--include_path", str(task_dir), "--output_path", str(tmp_path / "out")],
+            env=harness_env(tmp_path), expect_ok=False)
+    assert p.returncode == 1 and "harness.py lmms_eval: 1 evaluation(s) failed" in p.stderr, p.stderr[-3000:]
