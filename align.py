@@ -11,6 +11,10 @@ span's sqrt(K) x sqrt(K) grid, slot j of every span aligned with cell j (row-maj
 aligned with the mean of the K cells (it has no place on the grid); the prefix tokens of an encoder (CLS,
 registers) are dropped; the projector is Linear(d, h) -> SiLU -> Linear(h, h) -> SiLU -> Linear(h, C) as in REPA.
 
+The VaLR model (VaLR, a subclass of model.GAP) trains GAP's backbone and head with VaLR's latent feeding
+(--latent_feed targets | pad | self) and adds the REPA loss; build() makes it from train.py's VaLR flags
+(VaLRConfig, below), so GAP's forward never meets VaLR.
+
 Cache the features of every encoder once (writes CACHE_DIR/<encoder dir name>/K{K}/shard_*.safetensors and
 encoder.json, which records the encoder directory and its config):
     python align.py --encoders enc/dinov2,enc/siglip --data train.jsonl --latent_tokens 36 --cache_dir align_cache
@@ -28,7 +32,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import BadExamples, DataError, atomic_write_text, file_hash, fsync_dir, parse_config
-from data import PLACEHOLDER, TargetCache, open_image, read_jsonl, resolve
+import latent_loop
+from data import PLACEHOLDER, open_image, read_jsonl, resolve
+from losses import gap_losses
+from model import GAP
+from targets import TargetCache
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,25 +181,73 @@ class AlignedDataset(torch.utils.data.Dataset):
         return item
 
 
-def build(cfg, backbone, dataset, from_stage_one=False):
-    """The Aligner for train.py's flags (--align_encoders, --align_cache, --align_layer, --align_dim,
-    --align_text) and the data set wrapped to carry its targets. from_stage_one: the projectors start from
-    --model's align.safetensors (written by a stage-1 run) when it has one."""
+@dataclasses.dataclass
+class VaLRConfig:
+    """VaLR (README "VaLR"; align.py): the REPA loss and the latent feeding of align.VaLR"""
+    stage: int = dataclasses.field(default=0, metadata={
+        "help": "VaLR curriculum: 1 (slots hold the pad embedding), 2 (slots self-fed, projectors from --model's "
+                "align.safetensors); 0: none", "range": (0, 2)})
+    latent_feed: str = dataclasses.field(default="auto", metadata={
+        "help": "latent slot inputs in training: targets (GAP) | pad | self (the model's own latents); auto: targets, "
+                "pad in stage 1, self in stage 2", "choices": ["auto", "targets", "pad", "self"]})
+    feed_passes: int = dataclasses.field(default=0, metadata={
+        "help": "no-grad passes that compute self-fed latents (0: exact, as many as an example's latent slots)",
+        "range": (0, None)})
+    align: str = dataclasses.field(default="none", metadata={
+        "help": "repa: align a decoder layer with vision-encoder features", "choices": ["none", "repa"]})
+    align_encoders: str = dataclasses.field(default="", metadata={"help": "comma-separated encoder directories"})
+    align_cache: str = dataclasses.field(default="align_cache", metadata={"help": "encoder features from align.py"})
+    align_layer: int = dataclasses.field(default=0, metadata={
+        "help": "decoder layer aligned, 1-based (0: the middle one, L // 2)", "range": (0, None)})
+    align_dim: int = dataclasses.field(default=2048, metadata={"help": "hidden width of each encoder's projector"})
+    align_text: bool = dataclasses.field(default=False, metadata={"help": "also align each reasoning step's text"})
+    lambda_align: float = dataclasses.field(default=0.5, metadata={"help": "weight of the REPA loss"})
+
+
+def latent_feed(cfg):
+    """What the latent slots hold in training (--latent_feed; auto follows --stage), after checking that the VaLR
+    flags fit together. Without aux-image targets L_latent has nothing to learn from, so its weight must be 0."""
+    if cfg.stage and cfg.align != "repa":
+        raise DataError(f"--stage {cfg.stage} is VaLR's curriculum: it needs --align repa")
+    feed = cfg.latent_feed if cfg.latent_feed != "auto" else {0: "targets", 1: "pad", 2: "self"}[cfg.stage]
+    if feed != "targets" and cfg.lambda_latent and cfg.latent_tokens:
+        raise ValueError(f"--latent_feed {feed} has no latent targets: pass --lambda_latent 0")
+    return feed
+
+
+def build(cfg, gap, dataset, feed):
+    """The VaLR model for train.py's flags, and the data set (with --align repa, wrapped to carry the encoders'
+    features): the projectors (--align_encoders, --align_cache, --align_layer, --align_dim, --align_text; in
+    stage 2 from --model's align.safetensors, written by a stage-1 run, when it has one), the latent feed and
+    the number of self-feeding passes; in stage 2 the head starts from --model's (stage 1's)."""
     from safetensors.torch import load_file
-    encoders = [e for e in cfg.align_encoders.split(",") if e]
-    if not encoders:
-        raise DataError("--align repa needs --align_encoders (comma-separated encoder directories)")
-    caches = open_caches(cfg.align_cache, encoders, cfg.latent_tokens)
-    n_layers = backbone.config.text_config.num_hidden_layers
-    layer = cfg.align_layer or n_layers // 2
-    if not 1 <= layer <= n_layers:
-        raise DataError(f"--align_layer {layer} is not a decoder layer (1..{n_layers})")
-    aligner = Aligner(backbone.config.text_config.hidden_size, {n: w for n, (_, w) in caches.items()}, cfg.align_dim,
-                      layer, cfg.align_text)
-    path = os.path.join(cfg.model, "align.safetensors")
-    if from_stage_one and os.path.exists(path):
-        aligner.load_state_dict(load_file(path))
-    return aligner, AlignedDataset(dataset, caches)
+    aligner = None
+    if cfg.align == "repa":
+        encoders = [e for e in cfg.align_encoders.split(",") if e]
+        if not encoders:
+            raise DataError("--align repa needs --align_encoders (comma-separated encoder directories)")
+        caches = open_caches(cfg.align_cache, encoders, cfg.latent_tokens)
+        text_config = gap.backbone.config.text_config
+        layer = cfg.align_layer or text_config.num_hidden_layers // 2
+        if not 1 <= layer <= text_config.num_hidden_layers:
+            raise DataError(f"--align_layer {layer} is not a decoder layer (1..{text_config.num_hidden_layers})")
+        aligner = Aligner(text_config.hidden_size, {n: w for n, (_, w) in caches.items()}, cfg.align_dim, layer,
+                          cfg.align_text)
+        path = os.path.join(cfg.model, "align.safetensors")
+        if cfg.stage == 2 and os.path.exists(path):
+            aligner.load_state_dict(load_file(path))
+        dataset = AlignedDataset(dataset, caches)
+    if cfg.stage == 1:  # only the projectors and the latent head learn (README "VaLR")
+        gap.backbone.requires_grad_(False)
+    head_path = os.path.join(cfg.model, "latent_head.safetensors")
+    if cfg.stage == 2 and os.path.exists(head_path):  # stage 2 goes on from stage 1's head
+        gap.head.load_state_dict(load_file(head_path))
+    # self-feeding is exact after as many passes as an example has latent slots; the same number on every rank
+    # (FSDP gathers the parameters in every pass), from the data set all ranks hold, so no collective is needed
+    spans = max([r["response"].count(PLACEHOLDER) for r in dataset.rows if dataset.keeps_latent(r)] or [0])
+    passes = cfg.feed_passes or max(1, spans * cfg.latent_tokens)
+    model = VaLR(gap, aligner, feed, passes, cfg.lambda_align)
+    return model.to(next(gap.parameters()).device), dataset
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,15 +288,15 @@ class Aligner(nn.Module):
         """h (B, T, D): hidden states of the aligned layer; align_targets (N_slots, sum C) in slot order.
         Returns align_sum: the sum over aligned positions of -cos(projector(h), feature), averaged over encoders
         (the caller divides by the global n_positions), and n_align."""
-        slots = input_ids == latent_ids["pad"]  # (B, T)
-        n_slots = int(slots.sum())
+        latent_mask = input_ids == latent_ids["pad"]  # (B, T)
+        n_slots = int(latent_mask.sum())
         if align_targets is None:
             if n_slots:
                 raise ValueError(f"{n_slots} latent slots but no align_targets")
             align_targets = h.new_zeros(0, sum(self.widths.values()))
         if align_targets.shape[0] != n_slots:
             raise ValueError(f"align_targets has {align_targets.shape[0]} rows for {n_slots} latent slots")
-        states, targets = h[slots], align_targets.float()  # (N, D), (N, sum C)
+        states, targets = h[latent_mask], align_targets.float()  # (N, D), (N, sum C)
         if self.text:
             text, span = step_text(input_ids, labels, latent_ids)
             K = n_slots // max(int(((input_ids == latent_ids["end"]).sum())), 1)
@@ -257,3 +313,70 @@ class Aligner(nn.Module):
 if __name__ == "__main__":
     from common import run_main
     run_main(extract_features, parse_config(FeaturesConfig))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the VaLR model: GAP's, with its own latent feeding and the REPA loss
+
+class VaLR(GAP):
+    """GAP's backbone and head trained VaLR's way: the latent slots hold `feed` -- targets (GAP's aux-image
+    targets), pad (the <|latent_pad|> embedding, no feedback: stage 1) or self (the model's own latents, as at
+    inference: stage 2) -- and, with an Aligner, REPA on one decoder layer's states is added to the loss. At
+    inference it is GAP (the checkpoint holds the backbone and head; the projectors go to align.safetensors)."""
+
+    def __init__(self, gap: GAP, aligner=None, feed="targets", passes=1, lambda_align=0.5):
+        super().__init__(gap.backbone, gap.head, gap.latent_ids, gap.latent_tokens, gap.lambda_latent)
+        if feed not in ("targets", "pad", "self"):
+            raise ValueError(f"latent feed must be targets, pad or self, got {feed!r}")
+        self.align, self.feed, self.passes, self.lambda_align = aligner, feed, passes, lambda_align
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, image_grid_thw=None,
+                latent_targets=None, scheduled_sampling=False, seq_lens=None, align_targets=None):
+        """GAP.forward with VaLR's feed; with an aligner also its align_sum and n_align."""
+        if scheduled_sampling:
+            raise ValueError("scheduled sampling is an ablation of GAP's target feeding, not of VaLR's")
+        if self.feed == "targets":
+            embeds = self.embed(input_ids, pixel_values, image_grid_thw, latent_targets)
+        else:  # the slots keep the <|latent_pad|> embedding, or get the model's own latents below
+            embeds = latent_loop.embed_inputs(self.backbone, input_ids, pixel_values, image_grid_thw)
+        pos = self.positions(input_ids, attention_mask, image_grid_thw, seq_lens)
+        if self.feed != "targets":
+            # no aux-image targets: L_latent is computed against what the slots hold (the distance of each
+            # prediction to the fed latent, 0 once self-feeding has converged); train.py weighs it 0
+            if self.feed == "self":  # also with no slot here: another rank may have some (FSDP)
+                embeds, _ = self.self_fed(embeds, attention_mask, pos, input_ids)
+            latent_targets = embeds[input_ids == self.pad_id].detach()
+        if self.align is None:
+            h = self.states(embeds, attention_mask, pos)
+            return gap_losses(h, labels, input_ids, self.latent_ids, self.head, self.backbone.lm_head, latent_targets)
+        h, h_layer = self.states(embeds, attention_mask, pos, self.align.layer)
+        out = gap_losses(h, labels, input_ids, self.latent_ids, self.head, self.backbone.lm_head, latent_targets)
+        return dict(out, **self.align(h_layer, input_ids, labels, self.latent_ids, align_targets))
+
+    def self_fed(self, embeds, attention_mask, pos, input_ids):
+        """Each latent slot gets head(h_bar of the position before it), as the loop feeds at inference. A slot
+        depends on the slots before it, so `passes` no-grad passes refine them (as many as an example's slots make
+        every slot exact; more change nothing); the last one is taken with gradient into the head only (the states
+        are detached: no backpropagation through the passes)."""
+        latent_mask = input_ids == self.pad_id  # (B, T)
+        slot_next, v = latent_mask[:, 1:], None
+        for i in range(self.passes):
+            with torch.no_grad():
+                h = self.states(embeds, attention_mask, pos)[:, :-1][slot_next]
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i == self.passes - 1):
+                v = self.head(h)
+            embeds = embeds.masked_scatter(latent_mask[..., None], v.to(embeds.dtype))
+        return embeds, v
+
+    def counts(self, batch):
+        n = super().counts(batch)
+        if self.align is not None:
+            n["n_align"] = float(n_positions(batch["input_ids"], batch["labels"], self.latent_ids, self.align.text))
+        return n
+
+    def loss(self, out, n):
+        """GAP's eq. 3 plus lambda_align x the REPA loss, normalized by the global number of aligned positions."""
+        loss = super().loss(out, n)
+        if self.align is not None:
+            loss = loss + self.lambda_align * out["align_sum"] / max(n["n_align"], 1.0)
+        return loss

@@ -1,15 +1,13 @@
-"""Plumbing shared by the entry points (train.py, infer.py, difficulty.py, data.py, toy.py, bench.py): the CLI
-built from a @dataclass, atomic writes, the device and process-group setup, bad-input errors and the
-skip-and-count policy, failing every rank together, and result files sharded over ranks (resumable, merged in
-input order). No GAP logic lives here.
+"""Plumbing shared by the entry points (train.py, infer.py, difficulty.py, targets.py, toy.py, the benchmarks): the
+CLI built from a @dataclass, atomic writes, the device and process-group setup, bad-input errors and the
+skip-and-count policy, failing every rank together. No GAP logic lives here (the sharded evaluation skeleton is
+sharded.py).
 """
 import argparse
 import contextlib
 import itertools
 import dataclasses
-import datetime
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -28,7 +26,10 @@ def parse_config(cls, argv=None):
     `help` metadata; fields with metadata positional=True are optional positionals, choices=... restricts a
     value, and range=(lo, hi) rejects a number outside [lo, hi] before any work starts."""
     p = OneLineParser(description=(cls.__doc__ or "").strip())
-    for f in dataclasses.fields(cls):
+    groups = {}  # the fields of a base dataclass (train.py's VaLR flags) are listed under its docstring
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in cls.__dict__.get("__annotations__", {})):
+        owner = next(c for c in cls.__mro__ if f.name in c.__dict__.get("__annotations__", {}))
+        group = p if owner is cls else groups.setdefault(owner, p.add_argument_group((owner.__doc__ or "").strip()))
         kw = dict(default=f.default, help=f.metadata.get("help", ""))
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
@@ -37,9 +38,9 @@ def parse_config(cls, argv=None):
         else:
             kw["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
         if f.metadata.get("positional"):
-            p.add_argument(f.name, nargs="?", **kw)
+            group.add_argument(f.name, nargs="?", **kw)
         else:
-            p.add_argument("--" + f.name, **kw)
+            group.add_argument("--" + f.name, **kw)
     args = p.parse_args(argv)
     for f in dataclasses.fields(cls):
         lo, hi = f.metadata.get("range", (None, None))
@@ -226,97 +227,6 @@ class BadExamples:
             raise DataError(message, example=True)
         self.count += 1
         print(f"skipping bad example: {message}", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# results sharded over ranks (difficulty.py, infer.py --data): each rank appends its finished chunks to
-# OUT-stem.rankR.jsonl, a restart skips the ids already in any part file, rank 0 merges in input order
-
-def output_paths(out):
-    """(part file pattern with {} for the rank, config sidecar, summary) beside OUT."""
-    stem = out[:-len(".jsonl")] if out.endswith(".jsonl") else out
-    return stem + ".rank{}.jsonl", stem + ".config.json", stem + ".summary.json"
-
-
-def clear_outputs(out):
-    """Remove OUT and everything beside it that a run wrote, so that the next run starts fresh."""
-    pattern, config_path, summary_path = output_paths(out)
-    for path in [out, config_path, summary_path, *part_files(pattern)]:
-        if os.path.exists(path):
-            os.remove(path)
-
-
-def part_files(pattern):
-    folder, name = os.path.split(pattern)
-    prefix, suffix = name.split("{}")
-    names = os.listdir(folder or ".")
-    return sorted(os.path.join(folder, f) for f in names
-                  if f.startswith(prefix) and f.endswith(suffix) and f[len(prefix):-len(suffix)].isdigit())
-
-
-def read_part(path):
-    """({id: line}, n_bytes) of the complete result lines at the start of a part file. A line torn by a kill
-    (no newline, or not JSON) and anything after it is not part of them."""
-    results, good = {}, 0
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:  # JSON or UTF-8 cut mid-way
-                    break
-                if not line.endswith(b"\n") or not isinstance(r, dict) or "id" not in r:
-                    break
-                results[str(r["id"])] = line.decode()
-                good += len(line)
-    return results, good
-
-
-def rank_barrier(world):
-    """A barrier over a gloo group with a long timeout (ranks of a sharded run may finish hours apart)."""
-    if world == 1:
-        return lambda: None
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
-    return lambda: dist.barrier(group=group)
-
-
-def resume_parts(out, run_config, rank, barrier):
-    """Start or resume a sharded run that writes OUT. The flags that change results (`run_config`) are kept in
-    OUT-stem.config.json; a run with other ones fails while parts are there. Returns ({id: line} of every
-    rank's finished results, this rank's part file, cut back to its complete lines)."""
-    pattern, config_path, _ = output_paths(out)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    parts = part_files(pattern)
-    if os.path.exists(config_path) and parts:
-        with open(config_path) as f:
-            before = json.load(f)
-        if before != run_config:
-            changed = {k: (before.get(k), v) for k, v in run_config.items() if before.get(k) != v}
-            raise DataError(f"{config_path}: the parts beside it were made with other flags, data or checkpoint "
-                            f"(was, now): {changed}; use those, or another --out")
-    done, mine = {}, pattern.format(rank)
-    for path in parts:  # parts of any rank count: the output does not depend on the rank
-        done.update(read_part(path)[0])
-    keep = read_part(mine)[1]
-    barrier()  # every rank has read the parts before any rank changes them
-    if os.path.exists(mine):
-        os.truncate(mine, keep)  # drop a line torn by a kill
-    if rank == 0 and not (parts and os.path.exists(config_path)):
-        atomic_write_text(config_path, json.dumps(run_config, indent=2) + "\n")
-    return done, mine
-
-
-def merge_parts(out, ids):
-    """Rank 0, after every rank is done: the result lines of `ids` from all part files, in that order."""
-    pattern = output_paths(out)[0]
-    results = {}
-    for path in part_files(pattern):
-        results.update(read_part(path)[0])
-    missing = [i for i in ids if i not in results]
-    if missing:
-        raise RuntimeError(f"{len(missing)} examples have no result in {pattern.format('*')} "
-                           f"(first: {missing[0]!r}); re-run to finish them")
-    return [results[i] for i in ids]
 
 
 def file_hash(path):

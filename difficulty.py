@@ -32,18 +32,17 @@ Answers are extracted and matched by answers.py, the same matcher infer.py evalu
 """
 import dataclasses
 import json
-import os
 from dataclasses import field
 
 import torch
 import torch.distributed as dist
 
-import latent_loop
+import sharded
 from answers import answers_match, extract_answer
-from common import (BadExamples, DataError, atomic_write_text, chunk_seed, file_hash, merge_parts, output_paths,
-                    parse_config, rank_barrier, resume_parts, run_main, setup_distributed)
-from data import PLACEHOLDER, DataSpec, collate, encode_row, query_tokens, read_jsonl, report, validate
+from common import DataError, atomic_write_text, chunk_seed, file_hash, parse_config, run_main, setup_distributed
+from data import PLACEHOLDER, DataSpec, collate, encode_row, query_tokens, read_jsonl
 from latent_head import LatentHead
+from latent_loop import Sampling
 from model import GAP, add_latent_tokens, load_backbone
 
 # ----------------------------------------------------------------------------------------------------
@@ -88,21 +87,6 @@ def load_scorer(path, device=None):
     return GAP(backbone, head, ids, latent_tokens=0).eval(), tokenizer, image_processor
 
 
-def encode_rows(tokenizer, image_processor, rows, cfg: DifficultyConfig, bad: BadExamples):
-    """(items, the rows they are of, `_skipped` lines): a bad image is an error, or with skip_bad a `_skipped`
-    line that the merge counts and leaves out (so a resume does not try it again)."""
-    spec = DataSpec(latent_tokens=0, image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels)
-    items, kept, skipped = [], [], []
-    for r in rows:
-        try:
-            items.append(encode_row(tokenizer, image_processor, r, spec))
-            kept.append(r)
-        except DataError as e:  # not bad.guard(): a skipped example also gets a line, so a resume skips it too
-            bad.add(str(e))  # raises unless --skip_bad
-            skipped.append(json.dumps({"id": r["id"], "_skipped": str(e)}) + "\n")
-    return items, kept, skipped
-
-
 def sample_generators(cfg: DifficultyConfig, rows, device):
     """One generator per sample, in row order (row b*N + j is sample j of rows[b]), seeded from (--seed, id, j):
     what a sample draws depends on nothing else. None when greedy (nothing is drawn)."""
@@ -123,70 +107,57 @@ def result_line(gap, tokenizer, r, tokens, cfg: DifficultyConfig):
     return json.dumps(result) + "\n"
 
 
-def stop_ids(tokenizer):
-    return [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+class Scores(sharded.Producer):
+    """What an example produces: N sampled answers of the base model, matched against `answer` (its line)."""
 
+    def __init__(self, cfg: DifficultyConfig, device):
+        self.cfg = cfg
+        self.gap, self.tokenizer, self.image_processor = load_scorer(cfg.model, device)
+        self.spec = DataSpec(latent_tokens=0, image_min_pixels=cfg.image_min_pixels,
+                             image_max_pixels=cfg.image_max_pixels)
+        self.sampling = Sampling.of(cfg, num_samples=cfg.samples, stop_ids=[
+            self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")])
 
-def score_chunk(gap, tokenizer, image_processor, chunk, cfg: DifficultyConfig, bad: BadExamples):
-    """Result lines (JSON + newline) of one chunk of examples (static schedule), in chunk order, from one
-    generate call in which each prompt is prefilled once and decoded in N rows."""
-    items, kept, skipped = encode_rows(tokenizer, image_processor, chunk, cfg, bad)
-    lines = {json.loads(line)["id"]: line for line in skipped}
-    if items:
-        dev, n = gap.backbone.device, cfg.samples
-        batch = collate(items, tokenizer.pad_token_id, left=True)
-        tokens = gap.generate(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                              batch["pixel_values"].to(dev), batch["image_grid_thw"].to(dev),
-                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              num_samples=n, stop_ids=stop_ids(tokenizer),
-                              generator=sample_generators(cfg, kept, dev)).cpu()  # (B*N, S)
-        for b, r in enumerate(kept):
-            lines[r["id"]] = result_line(gap, tokenizer, r, tokens[b * n:(b + 1) * n], cfg)
-    return [lines[r["id"]] for r in chunk]
+    def encode(self, row):
+        return encode_row(self.tokenizer, self.image_processor, row, self.spec)
 
+    def static(self, items, rows, seconds):
+        """One generate call in which each prompt is prefilled once and decoded in N rows."""
+        dev, n = self.gap.backbone.device, self.cfg.samples
+        batch = collate(items, self.tokenizer.pad_token_id, left=True)
+        tokens = self.gap.generate(*(batch[k].to(dev) for k in ("input_ids", "attention_mask", "pixel_values",
+                                                                "image_grid_thw")),
+                                   self.sampling, generator=sample_generators(self.cfg, rows, dev)).cpu()  # (B*N, S)
+        return [result_line(self.gap, self.tokenizer, r, tokens[b * n:(b + 1) * n], self.cfg)
+                for b, r in enumerate(rows)]
 
-# continuous schedule: prompts are encoded WINDOW x --batch_size at a time, so that the encoded images held at
-# once stay bounded; rows idle only at the end of each window
-WINDOW = 16
-
-
-def score_continuous(gap, tokenizer, image_processor, rows, cfg: DifficultyConfig, bad: BadExamples):
-    """Yield the result line of each of `rows` as its N samples have ended (continuous schedule)."""
-    dev, n, size = gap.backbone.device, cfg.samples, WINDOW * cfg.batch_size
-    for w in range(0, len(rows), size):
-        items, kept, skipped = encode_rows(tokenizer, image_processor, rows[w:w + size], cfg, bad)
-        yield from skipped
-        if not items:
-            continue
+    def continuous(self, items, rows, seconds):
+        """An example's line as its N samples have ended (the N samples of a prompt share its one prefill)."""
+        dev, n = self.gap.backbone.device, self.cfg.samples
         # on the CPU until a row takes them (continuous_steps moves each prompt to the device at its prefill)
         prompts = [{k: it[k] for k in ("input_ids", "pixel_values", "image_grid_thw")} for it in items]
         samples = {}  # example -> {j: tokens}
-        for job, tokens in latent_loop.generate_continuous(
-                gap.backbone, gap.head, gap.latent_ids, gap.latent_tokens, prompts,
-                min(cfg.batch_size, len(items)) * n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                top_p=cfg.top_p, num_samples=n, stop_ids=stop_ids(tokenizer),
-                generator=sample_generators(cfg, kept, dev)):
+        for job, tokens in self.gap.generate_continuous(prompts, min(self.cfg.batch_size, len(items)) * n,
+                                                        self.sampling,
+                                                        generator=sample_generators(self.cfg, rows, dev)):
             b, j = divmod(job, n)
             samples.setdefault(b, {})[j] = tokens
             if len(samples[b]) == n:
                 ended = samples.pop(b)
-                yield result_line(gap, tokenizer, kept[b], [ended[j] for j in range(n)], cfg)
+                yield result_line(self.gap, self.tokenizer, rows[b], [ended[j] for j in range(n)], self.cfg)
 
 
-def merge(cfg: DifficultyConfig, rows, bad_lines, summary_path, world):
-    """Rank 0, after every rank is done: the parts -> OUT in input order, and the summary."""
-    lines = merge_parts(cfg.out, [r["id"] for r in rows])
-    parsed = [json.loads(line) for line in lines]
-    atomic_write_text(cfg.out, "".join(line for line, s in zip(lines, parsed) if "_skipped" not in s))
-    scored = [(r, s) for r, s in zip(rows, parsed) if "_skipped" not in s]
-    accs = [s["accuracy"] for _, s in scored]
-    hard = [r for r, s in scored if s["accuracy"] <= cfg.tau]
-    summary = dict(data=cfg.data, out=cfg.out, examples=len(scored), skipped=bad_lines + len(rows) - len(scored),
+def summarize(cfg: DifficultyConfig, rows, results, bad_lines, world):
+    """Rank 0, after the merge: OUT-stem.summary.json and its line."""
+    accs = [s["accuracy"] for s in results]
+    by_id = {r["id"]: r for r in rows}
+    hard = [by_id[s["id"]] for s in results if s["accuracy"] <= cfg.tau]
+    summary = dict(data=cfg.data, out=cfg.out, examples=len(results), skipped=bad_lines + len(rows) - len(results),
                    mean_accuracy=sum(accs) / max(len(accs), 1), tau=cfg.tau, accuracy_le_tau=len(hard),
                    latent_supervised=sum(PLACEHOLDER in r.get("response", "") for r in hard),
                    accuracy_counts={str(a): accs.count(a) for a in sorted(set(accs))},
                    **{k: getattr(cfg, k) for k in SAMPLING_KEYS if k not in ("data",)}, ranks=world)
-    atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(sharded.output_paths(cfg.out)[2], json.dumps(summary, indent=2) + "\n")
     print(f"scored {summary['examples']} examples ({summary['skipped']} skipped), mean accuracy "
           f"{summary['mean_accuracy']:.4f}; {len(hard)} with accuracy <= tau={cfg.tau}, of which "
           f"{summary['latent_supervised']} have a {PLACEHOLDER} span and get latent supervision -> {cfg.out}")
@@ -194,52 +165,24 @@ def merge(cfg: DifficultyConfig, rows, bad_lines, summary_path, world):
 
 
 def main(cfg: DifficultyConfig):
-    from tqdm import tqdm
     if not (cfg.model and cfg.data and cfg.out):
         raise DataError("give --model, --data and --out (see --help)")
     if cfg.samples < 1 or cfg.batch_size < 1:
         raise DataError(f"--samples and --batch_size must be >= 1, got {cfg.samples} and {cfg.batch_size}")
     rank, world, device = setup_distributed()
-    barrier = rank_barrier(world)
     rows, bad_lines = read_jsonl(cfg.data, cfg.skip_bad, need_response=False, need_answer=True)
-    if not cfg.skip_bad:  # every query image opened and processed first: no bad one stops the run hours in
-        from transformers import Qwen2VLImageProcessorPil
-        try:
-            image_processor = Qwen2VLImageProcessorPil.from_pretrained(cfg.model)
-        except OSError as e:
-            raise DataError(f"--model {cfg.model}: cannot load: {str(e).strip().splitlines()[0]}") from None
-        spec = DataSpec(latent_tokens=0, image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels)
-        problems = validate(rows, lambda r: query_tokens(r, image_processor, spec), rank, world)
-        if problems:
-            raise DataError(report(problems, len(rows), "scoring") if rank == 0 else "bad examples (rank 0 lists them)")
+    from transformers import Qwen2VLImageProcessorPil
+    try:  # the image processor alone checks every query image before the model is loaded
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(cfg.model)
+    except OSError as e:
+        raise DataError(f"--model {cfg.model}: cannot load: {str(e).strip().splitlines()[0]}") from None
+    spec = DataSpec(latent_tokens=0, image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels)
     # the results depend on the data's content too: an edited file must not resume the old file's answers
     run_config = dict({k: getattr(cfg, k) for k in SAMPLING_KEYS}, data_sha256=file_hash(cfg.data))
-    done, mine = resume_parts(cfg.out, run_config, rank, barrier)
-
-    chunks = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)][rank::world]
-    todo = [c for c in chunks if any(r["id"] not in done for r in c)]
-    print(f"rank {rank}/{world}: {sum(len(c) for c in chunks)} examples, "
-          f"{sum(r['id'] in done for c in chunks for r in c)} already done, {bad_lines} bad lines skipped")
-    gap, tokenizer, image_processor = load_scorer(cfg.model, device) if todo else (None, None, None)
-    bad = BadExamples(cfg.skip_bad)
-    with open(mine, "a") as f:
-        def write(text):  # whole lines, on disk before the next one starts
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-        if cfg.schedule == "static":
-            for chunk in tqdm(todo, desc="difficulty", unit="batch", disable=rank != 0):
-                lines = score_chunk(gap, tokenizer, image_processor, chunk, cfg, bad)
-                # a chunk cut by a kill is sampled again whole, only its missing lines written
-                write("".join(line for r, line in zip(chunk, lines) if r["id"] not in done))
-        elif todo:  # (nothing to do: every result is there and only the merge runs; no model was loaded)
-            left = [r for c in todo for r in c if r["id"] not in done]
-            for line in tqdm(score_continuous(gap, tokenizer, image_processor, left, cfg, bad), desc="difficulty",
-                             unit="example", total=len(left), disable=rank != 0):
-                write(line)
-    barrier()
-    summary = merge(cfg, rows, bad_lines, output_paths(cfg.out)[2], world) if rank == 0 else None
+    results = sharded.run(rows, cfg.out, run_config, lambda r: query_tokens(r, image_processor, spec),
+                          lambda: Scores(cfg, device), cfg.batch_size, cfg.schedule, cfg.skip_bad, what="scoring",
+                          desc="difficulty")
+    summary = summarize(cfg, rows, results, bad_lines, world) if results is not None else None
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary

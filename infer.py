@@ -27,7 +27,6 @@ wait for one; the rows share each step, so these times overlap and add up to mor
 and the files beside it.
 """
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -36,12 +35,13 @@ from dataclasses import field
 import torch
 import torch.distributed as dist
 
-import latent_loop
+import sharded
 from answers import answers_match, extract_answer
-from common import (BadExamples, DataError, atomic_write_text, chunk_seed, file_hash, merge_parts, output_paths,
-                    parse_config, rank_barrier, resume_parts, run_main, setup_distributed)
-from data import DataSpec, collate, encode_prompt, encode_row, query_tokens, read_jsonl, report, validate
-from model import load_checkpoint
+from checkpoint import checkpoint_stamp, load_checkpoint
+from common import DataError, atomic_write_text, chunk_seed, file_hash, parse_config, run_main, setup_distributed
+from data import DataSpec, collate, encode_prompt, encode_row, query_tokens, read_jsonl
+from latent_loop import Sampling
+from stats import percentile
 
 
 @dataclasses.dataclass
@@ -75,46 +75,39 @@ class InferConfig:
 
 
 class Runner:
-    """A loaded checkpoint plus the settings to generate with."""
+    """A loaded checkpoint plus the settings to generate with (latent_loop.Sampling from the config's flags)."""
 
     def __init__(self, cfg: InferConfig, device=None):
         self.cfg = cfg
         self.gap, self.tokenizer, self.image_processor, config = load_checkpoint(cfg.ckpt, device)
         self.spec = DataSpec(**{f.name: config[f.name] for f in dataclasses.fields(DataSpec) if f.name in config})
-        device = self.gap.backbone.device
-        self.generator = torch.Generator(device).manual_seed(cfg.seed)
-        self.stop_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        self.generator = torch.Generator(self.gap.backbone.device).manual_seed(cfg.seed)
+        self.sampling = Sampling.of(cfg, stop_ids=[self.tokenizer.convert_tokens_to_ids(t)
+                                                   for t in ("<|im_end|>", "<|endoftext|>")])
 
     def answer(self, items, generators=None):
         """Responses (latent spans shown as <latent>) for a list of encode_prompt() items, in one generate call;
         generators: one per item (else the runner's one)."""
         batch = collate(items, self.tokenizer.pad_token_id, left=True)
         dev = self.gap.backbone.device
-        tokens = self.gap.generate(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                                   batch["pixel_values"].to(dev), batch["image_grid_thw"].to(dev),
-                                   max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                   top_p=self.cfg.top_p, latent_mode=self.cfg.latent_mode,
-                                   norm_calib=self.cfg.norm_calib, ema_beta=self.cfg.ema_beta, stop_ids=self.stop_ids,
-                                   generator=generators or self.generator)
+        tokens = self.gap.generate(*(batch[k].to(dev) for k in ("input_ids", "attention_mask", "pixel_values",
+                                                                "image_grid_thw")),
+                                   self.sampling, generator=generators or self.generator)
         return [self.gap.decode(self.tokenizer, row) for row in tokens.cpu()]
 
     def answer_continuous(self, items, generators=None):
         """Yield (index, response, seconds) for each of a list of encode_prompt() items as it finishes, decoded by
         continuous batching in --batch_size rows; generators: one per item (else the runner's one). seconds: from
         the end of the step before its prefill to the step that chose its last token, plus decoding its text."""
-        g, cfg = self.gap, self.cfg
         # on the CPU until a row takes them (continuous_steps moves each prompt to the device at its prefill)
         prompts = [{k: it[k] for k in ("input_ids", "pixel_values", "image_grid_thw")} for it in items]
-        steps = latent_loop.continuous_steps(
-            g.backbone, g.head, g.latent_ids, g.latent_tokens, prompts, min(cfg.batch_size, len(items)),
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-            latent_mode=cfg.latent_mode, norm_calib=cfg.norm_calib, ema_beta=cfg.ema_beta, stop_ids=self.stop_ids,
-            generator=generators or self.generator)
+        steps = self.gap.continuous_steps(prompts, min(self.cfg.batch_size, len(items)), self.sampling,
+                                          generator=generators or self.generator)
         holding, tokens, began = {}, {}, {}  # row -> its item; item -> its tokens, the time its prefill began
 
         def finished(i, end):
             t0 = time.perf_counter()
-            response = g.decode(self.tokenizer, torch.tensor(tokens.pop(i)))
+            response = self.gap.decode(self.tokenizer, torch.tensor(tokens.pop(i)))
             return i, response, end - began.pop(i) + time.perf_counter() - t0
 
         before = time.perf_counter()  # the end of the step before (here: before the first prefill)
@@ -141,41 +134,12 @@ RESULT_KEYS = ("ckpt", "data", "latent_mode", "norm_calib", "ema_beta", "max_new
                "batch_size", "schedule", "seed")
 
 
-def checkpoint_stamp(ckpt):
-    """A hash of the checkpoint's gap.json and latent head (small files, and a retrained checkpoint changes the
-    head), so that parts answered by an older checkpoint at the same path are not resumed as this one's."""
-    if not os.path.exists(ckpt) and os.path.exists(ckpt.rstrip("/") + ".old"):
-        ckpt = ckpt.rstrip("/") + ".old"  # as load_checkpoint: a crash between the renames of a save
-    h = hashlib.sha256()
-    for name in ("gap.json", "latent_head.safetensors"):
-        with open(os.path.join(ckpt, name), "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:16]
-
-
 def example_generators(cfg: InferConfig, rows, device):
     """One generator per example, seeded from (--seed, its id), so that what it samples depends on nothing else;
     None when nothing is sampled (greedy, latent_mode model or zero: the loop draws nothing)."""
     if cfg.temperature <= 0 and cfg.latent_mode != "noise":
         return None
     return [torch.Generator(device).manual_seed(chunk_seed(cfg.seed, r["id"])) for r in rows]
-
-
-def encode_rows(runner: Runner, rows, bad: BadExamples):
-    """(items, the rows they are of, seconds each took, `_skipped` lines): a bad image is an error, or with
-    skip_bad a `_skipped` line that the merge counts and leaves out (so a resume does not try it again)."""
-    items, kept, seconds, skipped = [], [], [], []
-    for r in rows:
-        t0 = time.perf_counter()
-        try:
-            items.append(encode_row(runner.tokenizer, runner.image_processor, r, runner.spec))
-        except DataError as e:
-            bad.add(str(e))  # raises unless --skip_bad
-            skipped.append(json.dumps({"id": r["id"], "_skipped": str(e)}) + "\n")
-            continue
-        kept.append(r)
-        seconds.append(time.perf_counter() - t0)
-    return items, kept, seconds, skipped
 
 
 def result_line(r, response, seconds):
@@ -185,90 +149,42 @@ def result_line(r, response, seconds):
                            latency_s=round(seconds, 6))) + "\n"
 
 
-def answer_chunk(runner: Runner, chunk, bad: BadExamples):
-    """Result lines (JSON + newline) of one chunk (static schedule), in chunk order, from one generate call."""
-    t0 = time.perf_counter()
-    items, kept, _, skipped = encode_rows(runner, chunk, bad)
-    lines = {json.loads(line)["id"]: line for line in skipped}
-    if items:
-        dev = runner.gap.backbone.device
-        responses = runner.answer(items, example_generators(runner.cfg, kept, dev))
-        seconds = (time.perf_counter() - t0) / len(items)
-        lines.update({r["id"]: result_line(r, response, seconds) for r, response in zip(kept, responses)})
-    return [lines[r["id"]] for r in chunk]
+class Answers(sharded.Producer):
+    """What an example produces in batch mode: the checkpoint's answer, scored against `answer`, timed."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+
+    def encode(self, row):
+        return encode_row(self.runner.tokenizer, self.runner.image_processor, row, self.runner.spec)
+
+    def generators(self, rows):
+        return example_generators(self.runner.cfg, rows, self.runner.gap.backbone.device)
+
+    def static(self, items, rows, seconds):
+        """One generate call; an example's latency is the chunk's wall time (encoding included) / its size."""
+        t0 = time.perf_counter()
+        responses = self.runner.answer(items, self.generators(rows))
+        each = (sum(seconds) + time.perf_counter() - t0) / len(items)
+        return [result_line(r, response, each) for r, response in zip(rows, responses)]
+
+    def continuous(self, items, rows, seconds):
+        for i, response, s in self.runner.answer_continuous(items, self.generators(rows)):
+            yield result_line(rows[i], response, seconds[i] + s)
 
 
-# continuous schedule: prompts are encoded WINDOW x --batch_size at a time, so that the encoded images held at
-# once stay bounded; rows idle only at the end of each window
-WINDOW = 16
-
-
-def answer_continuous(runner: Runner, rows, bad: BadExamples):
-    """Yield the result line (JSON + newline) of each of `rows` as it finishes (continuous schedule)."""
-    size = WINDOW * runner.cfg.batch_size
-    for w in range(0, len(rows), size):
-        items, kept, encode_s, skipped = encode_rows(runner, rows[w:w + size], bad)
-        yield from skipped
-        if items:
-            generators = example_generators(runner.cfg, kept, runner.gap.backbone.device)
-            for i, response, seconds in runner.answer_continuous(items, generators):
-                yield result_line(kept[i], response, encode_s[i] + seconds)
-
-
-def percentile(xs, q):
-    """The q-quantile (0..1) of xs with linear interpolation between order statistics (numpy's default)."""
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def run_batch(cfg: InferConfig, runner: Runner, rank=0, world=1, barrier=lambda: None):
-    """Evaluate on a JSONL: this rank's chunks, resumable; rank 0 merges and returns the summary (else None)."""
-    from tqdm import tqdm
-    if cfg.batch_size < 1:
-        raise DataError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+def run_batch(cfg: InferConfig, runner: Runner):
+    """Evaluate on a JSONL: this rank's chunks, resumable (sharded.run); rank 0 returns the summary (else None)."""
     out = cfg.out or os.path.join(cfg.ckpt, f"results_{cfg.latent_mode}.jsonl")
     rows, bad_lines = read_jsonl(cfg.data, cfg.skip_bad, need_response=False)
-    if not cfg.skip_bad:  # every query image opened and processed first: no bad one stops the run late
-        problems = validate(rows, lambda r: query_tokens(r, runner.image_processor, runner.spec), rank, world)
-        if problems:
-            raise DataError(report(problems, len(rows), "answering") if rank == 0 else "bad examples (rank 0 lists them)")
     # what the results depend on: the flags, the checkpoint's contents and the data's (an edited file is not resumed)
     run_config = dict({k: getattr(cfg, k) for k in RESULT_KEYS}, ckpt_stamp=checkpoint_stamp(cfg.ckpt),
                       data_sha256=file_hash(cfg.data))
-    done, mine = resume_parts(out, run_config, rank, barrier)
-    chunks = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)][rank::world]
-    todo = [c for c in chunks if any(r["id"] not in done for r in c)]
-    print(f"rank {rank}/{world}: {sum(len(c) for c in chunks)} examples, "
-          f"{sum(r['id'] in done for c in chunks for r in c)} already done")
-    bad = BadExamples(cfg.skip_bad)
-    with open(mine, "a") as f:
-        def write(text):  # whole lines, on disk before the next one starts
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-        if cfg.schedule == "static":
-            for chunk in tqdm(todo, desc=f"infer[{cfg.latent_mode}]", unit="batch", disable=rank != 0):
-                lines = answer_chunk(runner, chunk, bad)
-                # a chunk cut by a kill is answered again whole, only its missing lines written
-                write("".join(line for r, line in zip(chunk, lines) if r["id"] not in done))
-        else:
-            left = [r for c in todo for r in c if r["id"] not in done]
-            for line in tqdm(answer_continuous(runner, left, bad), desc=f"infer[{cfg.latent_mode}]",
-                             unit="example", total=len(left), disable=rank != 0):
-                write(line)
-    barrier()
-    if rank != 0:
+    results = sharded.run(rows, out, run_config, lambda r: query_tokens(r, runner.image_processor, runner.spec),
+                          lambda: Answers(runner), cfg.batch_size, cfg.schedule, cfg.skip_bad, what="answering",
+                          desc=f"infer[{cfg.latent_mode}]")
+    if results is None:
         return None
-    lines = merge_parts(out, [r["id"] for r in rows])
-    results = [json.loads(line) for line in lines]
-    atomic_write_text(out, "".join(line for line, r in zip(lines, results) if "_skipped" not in r))
-    results = [r for r in results if "_skipped" not in r]
     scored = [r for r in results if r["correct"] is not None]
     acc = sum(r["correct"] for r in scored) / max(len(scored), 1)
     latency = [r["latency_s"] for r in results]
@@ -276,10 +192,10 @@ def run_batch(cfg: InferConfig, runner: Runner, rank=0, world=1, barrier=lambda:
                    ema_beta=cfg.ema_beta,
                    n=len(scored), accuracy=acc, stderr=(acc * (1 - acc) / max(len(scored), 1)) ** 0.5,
                    skipped=bad_lines + len(rows) - len(results), batch_size=cfg.batch_size, schedule=cfg.schedule,
-                   ranks=world,
+                   ranks=dist.get_world_size() if dist.is_initialized() else 1,
                    latency_s=dict(mean=sum(latency) / max(len(latency), 1), p50=percentile(latency, 0.5),
                                   p90=percentile(latency, 0.9)))
-    atomic_write_text(output_paths(out)[2], json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(sharded.output_paths(out)[2], json.dumps(summary, indent=2) + "\n")
     lat = summary["latency_s"]
     print(f"accuracy {acc:.4f} +- {summary['stderr']:.4f} on {len(scored)} examples ({summary['skipped']} skipped); "
           f"latency per example mean {lat['mean']:.3f} s, P50 {lat['p50']:.3f} s, P90 {lat['p90']:.3f} s -> {out}")
@@ -290,9 +206,9 @@ def main(cfg: InferConfig):
     if not cfg.data and not (cfg.image and cfg.question):
         raise DataError("give an image and a question, or --data a JSONL (see --help)")
     if cfg.data:
-        rank, world, _ = setup_distributed()  # load_checkpoint puts each rank on its own device
+        setup_distributed()  # load_checkpoint puts each rank on its own device
         try:
-            return run_batch(cfg, Runner(cfg), rank, world, rank_barrier(world))
+            return run_batch(cfg, Runner(cfg))
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

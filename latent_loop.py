@@ -11,9 +11,10 @@ latent token ids. It imports only torch and latent_head.py: copy the two files i
 How a batch is generated (`latent_steps`, top to bottom):
   1. Prefill: the left-padded prompts (query-image features scattered into the <|image_pad|> positions) run
      once with explicit M-RoPE positions; their keys/values go into a cache allocated once for the whole answer
-     (KVSlots: each row writes its next column at its own length, no per-step growth). With num_samples = N
+     (KVCache: each row writes its next column at its own length, no per-step growth). With num_samples = N
      each prompt's cache is written into N rows (row b*N + j is sample j of prompt b).
-  2. Each step every row is in one of three states, held in `slot` (R,):
+  2. Each step every row is in one of three states, held in RowState.slot (R,) (RowState: the rows' decode state
+     as device tensors, advanced by choose() and advance(), the same two functions in both schedules):
        TEXT (-1)    sample a token from the LM head; <|latent_start|> moves the row to slot 0;
        0 .. K-1     inside a latent span: record <|latent_pad|> and feed v = head(h_bar of the previous step)
                     (the state one position earlier, exactly as in training), then slot + 1;
@@ -22,7 +23,9 @@ How a batch is generated (`latent_steps`, top to bottom):
   3. The fed embeddings of all rows go through the decoder as one new column of the cache, each at its row's
      next text position (latent slots are text positions: the same id on the three M-RoPE axes).
 `latent_steps` is a generator that yields a `Step` per step (tokens, logits, fed vectors, positions), so
-tests and tools read what the loop did without flags inside it; `generate` keeps the tokens.
+tests and tools read what the loop did without flags inside it; `generate` keeps the tokens. The decoding
+settings (max_new_tokens, temperature, top_p, latent_mode, norm_calib, ema_beta, num_samples, stop_ids) are one
+`Sampling` object, or the same names as keywords.
 
 Continuous batching (`continuous_steps`, `generate_continuous`): the same steps over a list of prompts in a
 fixed number of rows; a row that finishes takes the next prompt (prefilled alone into that row of the cache)
@@ -34,7 +37,7 @@ draws of a row then depend on what the other rows do), or a list with one genera
 per prompt-sample (continuous_steps), each row drawing from its own only; then a row's sampled tokens do not
 depend on the batch it is in, and static and continuous batching sample the same answers.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -86,7 +89,36 @@ def rope_positions(model, input_ids, attention_mask, image_grid_thw=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the loop
+# the settings, the per-row state and the loop
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the loop decodes: one object for every caller (infer.py, difficulty.py, the toy). A new setting is a
+    field here and its use below; an entry point exposes it as a flag of the same name (Sampling.of)."""
+    max_new_tokens: int = 512  # generated tokens per row, latents included
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # nucleus sampling threshold
+    latent_mode: str = "model"  # MODES: the latents fed back
+    norm_calib: str = "none"  # none | ema: each latent rescaled to its row's query-image norm (paper table 1)
+    ema_beta: float = 0.0  # norm_calib ema: 0 the mean norm of the whole image, else an EMA with this beta
+    num_samples: int = 1  # N rows per prompt, one prefill (difficulty.py's N samples)
+    stop_ids: tuple = ()  # a row that samples one of these in TEXT is done
+
+    def __post_init__(self):
+        check_modes(self.latent_mode, self.norm_calib)
+        object.__setattr__(self, "stop_ids", tuple(int(t) for t in self.stop_ids))
+
+    @classmethod
+    def of(cls, config, **overrides):
+        """The settings of an entry point's config: its fields of the same names, then `overrides`."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(config).items() if k in names}, **overrides)
+
+
+def settings(sampling, overrides):
+    """`sampling` (default Sampling()) with keyword overrides, so that callers may pass either."""
+    return replace(sampling or Sampling(), **overrides)
+
 
 @dataclass
 class Step:
@@ -99,60 +131,67 @@ class Step:
     position: torch.Tensor | None  # (3, R) M-RoPE position it was fed at; None at the last step
 
 
+@dataclass
+class RowState:
+    """The decode state of R rows as device tensors, advanced by choose() and advance() in both schedules."""
+    h_last: torch.Tensor  # (R, D) the decoder's state at each row's last position (the LM head and head read it)
+    next_pos: torch.Tensor  # (R,) the next text position (latent slots are text positions)
+    slot: torch.Tensor  # (R,) TEXT, 0..K-1 inside a span, K closing it
+    done: torch.Tensor  # (R,) bool: the row sampled a stop id (continuous schedule: or is idle)
+    n_ema: torch.Tensor | None = None  # (R,) the norm latents are calibrated to (norm_calib ema), else None
+    generator: object = None  # one torch.Generator shared by the rows, or a list of one per row
+
+
 @torch.no_grad()
 def latent_steps(model, head, latent_ids, latent_tokens, input_ids, attention_mask, pixel_values=None,
-                 image_grid_thw=None, *, max_new_tokens=512, temperature=0.0, top_p=1.0, latent_mode="model",
-                 norm_calib="none", ema_beta=0.0, num_samples=1, stop_ids=(), generator=None, compile_step=False,
-                 given=None):
+                 image_grid_thw=None, sampling: Sampling = None, *, generator=None, compile_step=False, given=None,
+                 **overrides):
     """Yield one Step per generated token of a batch of left-padded prompts input_ids / attention_mask (B, T).
-    latent_ids: {start, pad, end}; latent_tokens: K (0: no spans, <|latent_start|> banned).
-    latent_mode: model | zero (<|latent_start|> banned) | noise (head.noise(n): Gaussian PCA coefficients) |
-    given: `given` (B, K, D) is fed instead, slot k of every span of prompt b getting given[b, k] (the content
-    controls: another example's latents, or the true aux-image targets); the row still opens spans itself.
-    norm_calib: none | ema (each latent rescaled to ema_norm(query-image embedding norms, ema_beta) of its row).
+    latent_ids: {start, pad, end}; latent_tokens: K (0: no spans, <|latent_start|> banned). sampling: a Sampling,
+    or its fields as keywords (max_new_tokens=..., temperature=...). Latent modes: model | zero
+    (<|latent_start|> banned) | noise (head.noise(n): Gaussian PCA coefficients) | given: `given` (B, K, D) is
+    fed instead, slot k of every span of prompt b getting given[b, k] (the content controls: another example's
+    latents, or the true aux-image targets); the row still opens spans itself.
     generator: one torch.Generator, or a list of one per row (module docstring, "Sampling").
     compile_step: the decoder step through torch.compile (README "Inference speed" says where it is faster)."""
-    check_modes(latent_mode, norm_calib)
-    if (latent_mode == "given") != (given is not None):
+    s = settings(sampling, overrides)
+    if (s.latent_mode == "given") != (given is not None):
         raise ValueError("latent_mode='given' and the `given` latents (B, K, D) go together")
     if given is not None:
         d = model.get_input_embeddings().embedding_dim
         if tuple(given.shape) != (input_ids.shape[0], latent_tokens, d):
             raise ValueError(f"given latents {tuple(given.shape)}, expected ({input_ids.shape[0]}, K={latent_tokens}, "
                              f"D={d})")
-        if norm_calib != "none":  # a control feeds exactly what it is given
-            raise ValueError(f"given latents are fed as they are: norm_calib must be 'none', got {norm_calib!r}")
+        if s.norm_calib != "none":  # a control feeds exactly what it is given
+            raise ValueError(f"given latents are fed as they are: norm_calib must be 'none', got {s.norm_calib!r}")
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded (the last column real in every row): with right padding a "
                          "row's next token would follow its padding")
-    n_rows = input_ids.shape[0] * num_samples  # row b*N + j is sample j of prompt b
+    N = s.num_samples
+    n_rows = input_ids.shape[0] * N  # row b*N + j is sample j of prompt b
     if isinstance(generator, (list, tuple)) and len(generator) != n_rows:
         raise ValueError(f"{len(generator)} generators for {n_rows} rows: give one per row, or one shared")
-    slots = KVSlots(model, n_rows, input_ids.shape[1] + max_new_tokens, static=compile_step)
+    cache = KVCache(model, n_rows, input_ids.shape[1] + s.max_new_tokens, static=compile_step)
     # 1. prefill, each prompt once (its cache written into its N rows)
-    h_last, next_pos, n_ema = prefill(model, slots, slots.row, input_ids, attention_mask, pixel_values,
-                                      image_grid_thw, latent_ids["pad"], ema_beta if norm_calib == "ema" else None)
+    h_last, next_pos, n_ema = prefill(model, cache, cache.row, input_ids, attention_mask, pixel_values,
+                                      image_grid_thw, latent_ids["pad"], s.ema_beta if s.norm_calib == "ema" else None)
     slot = torch.where(input_ids[:, -1] == latent_ids["start"], 0, TEXT)  # a prompt may end inside a span
-    h_last, next_pos, slot = (x.repeat_interleave(num_samples, dim=0) for x in (h_last, next_pos, slot))
-    n_ema = n_ema.repeat_interleave(num_samples) if n_ema is not None else None
-    given = given.repeat_interleave(num_samples, dim=0).to(h_last.device) if given is not None else None
-    rules = Rules(model, latent_ids, latent_tokens, latent_mode, stop_ids)
+    rows = RowState(*(x.repeat_interleave(N, dim=0) for x in (h_last, next_pos, slot)),
+                    done=torch.zeros(n_rows, dtype=torch.bool, device=h_last.device),
+                    n_ema=n_ema.repeat_interleave(N) if n_ema is not None else None, generator=generator)
+    given = given.repeat_interleave(N, dim=0).to(h_last.device) if given is not None else None
+    rules = Rules(model, latent_ids, latent_tokens, s.latent_mode, s.stop_ids)
     step_fn = step_function(compile_step, h_last.device)
-    done = torch.zeros(n_rows, dtype=torch.bool, device=h_last.device)
-    for step in range(max_new_tokens):
+    for step in range(s.max_new_tokens):
         # 2. choose each row's token by its state
-        token, logits, in_span, closing, done = choose(model, rules, h_last, slot, done, temperature, top_p, generator)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            yield Step(token, logits, slot, None, None)
+        pick = choose(model, rules, rows, s)
+        if bool(rows.done.all()) or step == s.max_new_tokens - 1:
+            yield Step(pick.token, pick.logits, rows.slot, None, None)
             return
         # 3. feed it: the token's embedding, or in a span the latent predicted from the previous state
-        fed = feed(model, head, token, h_last, in_span, latent_mode, n_ema, generator)
-        if given is not None and bool(in_span.any()):  # the caller's latents, slot by slot
-            fed[in_span] = given[in_span, slot[in_span]].to(fed.dtype)
-        position = next_pos.expand(3, n_rows)  # (3, R)
-        yield Step(token, logits, slot, fed, position)
-        slot = next_slot(rules, slot, token, in_span, closing)
-        h_last, next_pos = step_fn(model, slots, fed, position), next_pos + 1
+        out = advance(model, head, rules, rows, pick, s, given)
+        yield out
+        rows.h_last = step_fn(model, cache, out.fed, out.position)
 
 
 def generate(*args, **kwargs):
@@ -181,22 +220,45 @@ class Rules:
         self.vocab = model.get_input_embeddings().num_embeddings
 
 
-def choose(model, rules, h_last, slot, done, temperature, top_p, generator):
+@dataclass
+class Choice:
+    token: torch.Tensor  # (R,) the token each row records
+    logits: torch.Tensor  # (R, V) what a TEXT row sampled from (NaN elsewhere)
+    in_span: torch.Tensor  # (R,) bool: the row is inside a span (its token is <|latent_pad|>)
+    closing: torch.Tensor  # (R,) bool: the row closes its span (<|latent_end|>)
+
+
+def choose(model, rules, rows: RowState, s: Sampling):
     """Each row's token by its state (module docstring, 2); the LM head runs only on rows in TEXT that are not
-    done. Returns token (R,), logits (R, V), in_span (R,), closing (R,) and done (R,) updated."""
+    done. Marks the rows that sampled a stop id done."""
+    slot, h_last = rows.slot, rows.h_last
     in_span, closing = (slot >= 0) & (slot < rules.K), slot == rules.K
-    text = (slot == TEXT) & ~done
+    text = (slot == TEXT) & ~rows.done
     if bool(text.all()):
         logits = model.lm_head(h_last).float().index_fill_(1, rules.banned, float("-inf"))  # (R, V)
-        token = sample(logits, temperature, top_p, generator)
+        token = sample(logits, s.temperature, s.top_p, rows.generator)
     else:
         logits = h_last.new_full((len(slot), rules.vocab), float("nan"), dtype=torch.float32)
         token = torch.where(in_span, rules.pad, rules.end)  # (R,): pad in a span, end closing it, DONE below
         if bool(text.any()):
             some = model.lm_head(h_last[text]).float().index_fill_(1, rules.banned, float("-inf"))
-            logits[text], token[text] = some, sample(some, temperature, top_p, rows_of(generator, text))
-    token = torch.where(done, DONE, token)
-    return token, logits, in_span, closing, done | (text & torch.isin(token, rules.stop))
+            logits[text], token[text] = some, sample(some, s.temperature, s.top_p, rows_of(rows.generator, text))
+    token = torch.where(rows.done, DONE, token)
+    rows.done = rows.done | (text & torch.isin(token, rules.stop))
+    return Choice(token, logits, in_span, closing)
+
+
+def advance(model, head, rules, rows: RowState, pick: Choice, s: Sampling, given=None):
+    """The step of the chosen tokens: what each row is fed (its token's embedding, or in a span the latent from
+    its previous state; `given` (R, K, D): those latents instead), at which position. The rows' slots and
+    positions move on. Returns the Step; the caller runs the decoder on step.fed."""
+    fed = feed(model, head, pick.token, rows.h_last, pick.in_span, s.latent_mode, rows.n_ema, rows.generator)
+    if given is not None and bool(pick.in_span.any()):  # the caller's latents, slot by slot
+        fed[pick.in_span] = given[pick.in_span, rows.slot[pick.in_span]].to(fed.dtype)
+    step = Step(pick.token, pick.logits, rows.slot, fed, rows.next_pos.expand(3, len(rows.slot)))  # position (3, R)
+    rows.slot = next_slot(rules, rows.slot, pick.token, pick.in_span, pick.closing)
+    rows.next_pos = rows.next_pos + 1
+    return step
 
 
 def feed(model, head, token, h_last, in_span, latent_mode, n_ema, generator):
@@ -230,7 +292,7 @@ def next_slot(rules, slot, token, in_span, closing):
 # ----------------------------------------------------------------------------------------------------------
 # the KV cache: preallocated, each row writes at its own column
 
-class KVSlots:
+class KVCache:
     """A preallocated KV cache of R rows x W columns, handed to the stock model as past_key_values (its attention
     layers call update(keys, values, layer_idx)). Per layer keys and values (R, H, W, hd); row r's next token is
     written at column length[r], and valid (R, W) marks the columns each row attends to: its prompt without the
@@ -296,7 +358,7 @@ class KVSlots:
         return {kind: mask for kind in self.mask_kinds}
 
 
-def prefill(model, slots, rows, input_ids, attention_mask, pixel_values, image_grid_thw, pad_id, ema_beta=None):
+def prefill(model, cache, rows, input_ids, attention_mask, pixel_values, image_grid_thw, pad_id, ema_beta=None):
     """Run left-padded prompts (B, T) once and write their keys/values into `rows` of the cache (B x n rows:
     prompt b into rows b*n .. b*n+n-1). Returns the state at each prompt's last position (B, D), its next text
     position (B,) and, with ema_beta given, the image-norm target of calibration (B,)."""
@@ -307,29 +369,29 @@ def prefill(model, slots, rows, input_ids, attention_mask, pixel_values, image_g
     causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()
     # (B, 1, T, T); a padding position sees itself, so that no row of the softmax is empty
     allowed = (causal & real[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=real.device)
-    slots.fill = rows
+    cache.fill = rows
     try:
-        out = model.model(inputs_embeds=embeds, attention_mask=slots.masks(allowed, attention_mask), position_ids=pos,
-                          past_key_values=slots, use_cache=True)
+        out = model.model(inputs_embeds=embeds, attention_mask=cache.masks(allowed, attention_mask), position_ids=pos,
+                          past_key_values=cache, use_cache=True)
     finally:
-        slots.fill = None
-    slots.valid[rows] = False
-    slots.valid[rows, :T] = real.repeat_interleave(len(rows) // len(real), 0)
-    slots.length[rows] = T
+        cache.fill = None
+    cache.valid[rows] = False
+    cache.valid[rows, :T] = real.repeat_interleave(len(rows) // len(real), 0)
+    cache.length[rows] = T
     return out.last_hidden_state[:, -1], pos.amax(dim=(0, 2)) + 1, n_ema  # text continues after the largest id
 
 
-def decode_step(model, slots, fed, position, active=None):
+def decode_step(model, cache, fed, position, active=None):
     """Feed one new column: fed (R, D) at M-RoPE positions (3, R), each row at its own cache column. Rows not
     `active` (R,) bool (just given a new prompt, or idle) compute a column that stays masked and is overwritten
     later. Returns the new last states (R, D)."""
-    slots.valid[slots.row, slots.length] = True if active is None else active
-    if not slots.static:
-        slots.used = int(slots.length.max()) + 1
-    masks = slots.masks(slots.valid[:, None, None, :slots.used], slots.valid[:, :slots.used])
+    cache.valid[cache.row, cache.length] = True if active is None else active
+    if not cache.static:
+        cache.used = int(cache.length.max()) + 1
+    masks = cache.masks(cache.valid[:, None, None, :cache.used], cache.valid[:, :cache.used])
     out = model.model(inputs_embeds=fed[:, None], attention_mask=masks, position_ids=position[..., None],
-                      past_key_values=slots, use_cache=True)
-    slots.length += 1 if active is None else active
+                      past_key_values=cache, use_cache=True)
+    cache.length += 1 if active is None else active
     return out.last_hidden_state[:, -1].clone()  # a copy: a CUDA-graph step reuses its output buffer
 
 
@@ -359,9 +421,8 @@ def step_function(compile_step, device):
 # continuous batching: a row that finishes takes the next prompt
 
 @torch.no_grad()
-def continuous_steps(model, head, latent_ids, latent_tokens, prompts, rows, *, max_new_tokens=512, temperature=0.0,
-                     top_p=1.0, latent_mode="model", norm_calib="none", ema_beta=0.0, num_samples=1, stop_ids=(),
-                     generator=None, compile_step=False):
+def continuous_steps(model, head, latent_ids, latent_tokens, prompts, rows, sampling: Sampling = None, *,
+                     generator=None, compile_step=False, **overrides):
     """latent_steps over a list of prompts with `rows` decode rows: when a row finishes (a stop id, or its
     max_new_tokens), it takes the next job -- its prompt prefilled alone and written into that row of the cache
     -- while the other rows go on decoding, so no row idles until the longest one of a batch ends. A prompt is a
@@ -372,24 +433,26 @@ def continuous_steps(model, head, latent_ids, latent_tokens, prompts, rows, *, m
     sample has started). Yields (Step, job) per step, job (R,) the job each row works on (-1: idle, the jobs
     are used up). Each job gets the tokens and logits of latent_steps on its prompt alone; its draws come from
     `generator`: shared (then they depend on the schedule), or a list of one per job (then they do not)."""
-    check_modes(latent_mode, norm_calib)
-    if latent_mode == "given":
+    s = settings(sampling, overrides)
+    if s.latent_mode == "given":
         raise ValueError("latent_mode='given' is a latent_steps option (static batches)")
-    n_jobs = len(prompts) * num_samples
+    N = s.num_samples
+    n_jobs = len(prompts) * N
     if isinstance(generator, (list, tuple)) and len(generator) != n_jobs:
         raise ValueError(f"{len(generator)} generators for {n_jobs} jobs: give one per job, or one shared")
     K, start = latent_tokens, latent_ids["start"]
-    limits = [p.get("max_new_tokens", max_new_tokens) for p in prompts]
-    slots = KVSlots(model, rows, max(len(p["input_ids"]) + n for p, n in zip(prompts, limits)), static=compile_step)
-    rules = Rules(model, latent_ids, K, latent_mode, stop_ids)
-    step_fn = step_function(compile_step, slots.row.device)
-    dev, hidden = slots.row.device, model.get_input_embeddings().embedding_dim
-    h_last = torch.zeros(rows, hidden, dtype=slots.dtype, device=dev)  # (R, D) state of each row's last position
-    next_pos, slot = torch.zeros(rows, dtype=torch.long, device=dev), torch.full((rows,), TEXT, device=dev)
-    n_ema = torch.ones(rows, device=dev) if norm_calib == "ema" else None
+    limits = [p.get("max_new_tokens", s.max_new_tokens) for p in prompts]
+    cache = KVCache(model, rows, max(len(p["input_ids"]) + n for p, n in zip(prompts, limits)), static=compile_step)
+    rules = Rules(model, latent_ids, K, s.latent_mode, s.stop_ids)
+    step_fn = step_function(compile_step, cache.row.device)
+    dev, hidden = cache.row.device, model.get_input_embeddings().embedding_dim
+    state = RowState(h_last=torch.zeros(rows, hidden, dtype=cache.dtype, device=dev),
+                     next_pos=torch.zeros(rows, dtype=torch.long, device=dev),
+                     slot=torch.full((rows,), TEXT, device=dev),
+                     done=torch.ones(rows, dtype=torch.bool, device=dev),  # an idle row counts as done
+                     n_ema=torch.ones(rows, device=dev) if s.norm_calib == "ema" else None,
+                     generator=[None] * rows if isinstance(generator, (list, tuple)) else generator)
     job, budget = torch.full((rows,), -1, device=dev), torch.zeros(rows, dtype=torch.long, device=dev)
-    done = torch.ones(rows, dtype=torch.bool, device=dev)  # an idle row counts as done
-    row_generator = [None] * rows if isinstance(generator, (list, tuple)) else generator
     queue = iter(range(n_jobs))
     last = {}  # the latest prefill: its row, length, last state, next position, image norm
 
@@ -397,42 +460,40 @@ def continuous_steps(model, head, latent_ids, latent_tokens, prompts, rows, *, m
         """Row r takes the next job (prefill its prompt, or copy it from the row of the previous sample), or goes
         idle."""
         n = next(queue, -1)
-        job[r], done[r] = n, n < 0
+        job[r], state.done[r] = n, n < 0
         if n < 0:
             return
-        i = n // num_samples
+        i = n // N
         p = prompts[i]
         ids = p["input_ids"].to(dev)[None]  # (1, T): one prompt, no padding
-        if n % num_samples == 0:
+        if n % N == 0:
             pv, grid = (p[k].to(dev) if p.get(k) is not None else None for k in ("pixel_values", "image_grid_thw"))
-            h, pos, ema = prefill(model, slots, slots.row[r:r + 1], ids, torch.ones_like(ids), pv, grid,
-                                  latent_ids["pad"], ema_beta if n_ema is not None else None)
+            h, pos, ema = prefill(model, cache, cache.row[r:r + 1], ids, torch.ones_like(ids), pv, grid,
+                                  latent_ids["pad"], s.ema_beta if state.n_ema is not None else None)
             last.update(h=h[0], pos=pos[0], ema=None if ema is None else ema[0])
         else:
-            slots.copy_prompt(last["row"], r, ids.shape[1])
+            cache.copy_prompt(last["row"], r, ids.shape[1])
         last["row"] = r
-        h_last[r], next_pos[r], budget[r] = last["h"], last["pos"], limits[i]
-        slot[r] = 0 if int(ids[0, -1]) == start else TEXT  # a prompt may end inside a span
-        if n_ema is not None:
-            n_ema[r] = last["ema"]
-        if row_generator is not generator:
-            row_generator[r] = generator[n]
+        state.h_last[r], state.next_pos[r], budget[r] = last["h"], last["pos"], limits[i]
+        state.slot[r] = 0 if int(ids[0, -1]) == start else TEXT  # a prompt may end inside a span
+        if state.n_ema is not None:
+            state.n_ema[r] = last["ema"]
+        if isinstance(generator, (list, tuple)):
+            state.generator[r] = generator[n]
 
     for r in range(rows):
         refill(r)
     while bool((job >= 0).any()):
-        token, logits, in_span, closing, done = choose(model, rules, h_last, slot, done, temperature, top_p,
-                                                       row_generator)
+        pick = choose(model, rules, state, s)
         budget -= 1
-        fed = feed(model, head, token, h_last, in_span, latent_mode, n_ema, row_generator)
-        position = next_pos.expand(3, rows)  # (3, R)
-        yield Step(token, logits, slot, fed, position), job.clone()
-        slot, next_pos = next_slot(rules, slot, token, in_span, closing), next_pos + 1
-        finished = (job >= 0) & (done | (budget == 0))
+        out = advance(model, head, rules, state, pick, s)
+        yield out, job.clone()
+        finished = (job >= 0) & (state.done | (budget == 0))
         for r in finished.nonzero()[:, 0].tolist():
             refill(r)
         active = (job >= 0) & ~finished  # refilled rows already hold their prompt's last state
-        h_last = torch.where(active[:, None], step_fn(model, slots, fed, position, active), h_last)
+        state.h_last = torch.where(active[:, None], step_fn(model, cache, out.fed, out.position, active),
+                                   state.h_last)
 
 
 def generate_continuous(*args, **kwargs):

@@ -24,7 +24,8 @@ from PIL import Image, ImageDraw
 import latent_loop
 from common import DataError, atomic_write_text, fsync_dir, parse_config, run_main
 from data import DataSpec, collate, encode_row, read_jsonl, resolve
-from model import load_backbone, load_checkpoint
+from checkpoint import load_checkpoint
+from model import load_backbone
 
 
 @dataclasses.dataclass

@@ -4,6 +4,7 @@
     paired_bootstrap(a, b)   mean difference of paired scores over runs (seeds) and items, its 95% bootstrap
                              interval and a two-sided p, resampling items and runs
     mean_sd(xs)              mean and sample standard deviation (over training seeds)
+    percentile(xs, q)        the q-quantile with linear interpolation (numpy's default)
 
 mcnemar's a and b are 0/1 outcomes over the same items in the same order; paired_bootstrap's are one such list per
 run (training seed).
@@ -57,3 +58,14 @@ def mean_sd(xs):
     xs = [float(x) for x in xs]
     m = sum(xs) / len(xs)
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def percentile(xs, q):
+    """The q-quantile (0..1) of xs with linear interpolation between order statistics (numpy's default)."""
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)

@@ -1,4 +1,4 @@
-"""Tests of VaLR's REPA alignment (align.py) and feeding (model.GAP latent_feed) on the tiny random Qwen2.5-VL, with
+"""Tests of VaLR's REPA alignment and feeding (align.py: Aligner, VaLR) on the tiny random Qwen2.5-VL, with
 tiny random instances of two stock transformers vision encoders (Dinov2Model, SiglipVisionModel) saved to a
 temporary directory: pooled features and the REPA loss against independent computations, no gradient into the
 frozen encoders, self-fed training latents equal to the generation loop's, the gradients of 2 torchrun ranks
@@ -106,14 +106,13 @@ def test_repa_loss_equals_an_independent_computation(world, enc, text):
     g, tokenizer, image_processor = make_gap(world, kind="hidden")
     caches = align.open_caches(enc["cache"], enc["encoders"], K)
     widths = {n: w for n, (_, w) in caches.items()}
-    g.align = align.Aligner(64, widths, hidden=32, layer=1, text=text)
+    g = align.VaLR(g, align.Aligner(64, widths, hidden=32, layer=1, text=text), feed="pad")
     with torch.no_grad():  # no biases and large weights: the projection depends on h, not on its biases alone
         for name, p in g.align.named_parameters():
             p.copy_(torch.randn_like(p) if name.endswith("weight") else torch.zeros_like(p))
     ds = align.AlignedDataset(GAPDataset(enc["two"], tokenizer, image_processor, g.latent_ids, DataSpec(
         latent_tokens=K, latent_targets=False)), caches)
     b = collate([ds[0], ds[1]], tokenizer.pad_token_id)
-    g.latent_feed = "pad"
     with torch.no_grad():
         out = g(b["input_ids"], b["attention_mask"], b["labels"], b["pixel_values"], b["image_grid_thw"],
                 align_targets=b["align_targets"])
@@ -192,13 +191,13 @@ def test_self_fed_training_latents_equal_the_loops(world, gap):
     assert int((tokens == g.pad_id).sum()) == 2 * K, "two complete spans"
     ids = torch.cat([batch["input_ids"], tokens], 1)
     mask = torch.ones_like(ids)
-    g.latent_feed = "self"
+    v = align.VaLR(g, feed="self", passes=2 * K)  # as many passes as the example's slots: exact
     with torch.no_grad():
         embeds = latent_loop.embed_inputs(g.backbone, ids, batch["pixel_values"], batch["image_grid_thw"])
         pos = g.position_ids(ids, mask, batch["image_grid_thw"])
-        filled, _ = g.self_fed(embeds, mask, pos, ids)
-        g.feed_passes = 1  # one pass: only the first slot is right
-        once, _ = g.self_fed(embeds, mask, pos, ids)
+        filled, _ = v.self_fed(embeds, mask, pos, ids)
+        v.passes = 1  # one pass: only the first slot is right
+        once, _ = v.self_fed(embeds, mask, pos, ids)
     loop = torch.stack([s.fed[0] for s in fed])[tokens[0] == g.pad_id]
     torch.testing.assert_close(filled[ids == g.pad_id], loop, atol=1e-5, rtol=1e-5)
     assert (once[ids == g.pad_id] - loop).abs().max() > 1e-3
@@ -212,8 +211,7 @@ import os, sys
 import train
 out, argv = sys.argv[1], sys.argv[2:]
 rank = int(os.environ.get("RANK", 0))
-save_first_grads(train, out, rank)
-train.main(train.parse_config(train.TrainConfig, argv))
+train.main(train.parse_config(train.TrainConfig, argv), on_grads=first_grads(out, rank))
 print(f"driver done on rank {rank}", flush=True)
 """
 
@@ -261,7 +259,8 @@ def test_stage_one_then_stage_two_then_infer(world, enc, grads_one, tmp_path, mo
     infer.py."""
     import train
     from safetensors.torch import load_file
-    from model import add_latent_tokens, load_backbone, load_checkpoint
+    from checkpoint import load_checkpoint
+    from model import add_latent_tokens, load_backbone
     built = []  # the head and projectors of each run as build() hands them to the loop
     real_build = train.build
 
@@ -288,7 +287,7 @@ def test_stage_one_then_stage_two_then_infer(world, enc, grads_one, tmp_path, mo
     train.main(cfg(2, tmp_path / "s1", tmp_path / "s2"))
     assert all(torch.equal(built[1][k], saved[k]) for k in saved), "stage 2 must start from stage 1's head/projectors"
     g2 = load_checkpoint(str(tmp_path / "s2"), "cpu")[0]
-    assert g2.head.kind == "pca" and g2.align is None
+    assert g2.head.kind == "pca" and type(g2).__name__ == "GAP"  # at inference VaLR is GAP: no projectors
     assert any(not torch.equal(v, base[k]) for k, v in g2.backbone.state_dict().items()), "stage 2 trains the backbone"
     run(["infer.py", str(world["root"] / "data" / "img" / "q0.png"), "How many?", "--ckpt", tmp_path / "s2",
          "--max_new_tokens", "6"])

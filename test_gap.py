@@ -15,9 +15,11 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import latent_loop
 from conftest import ENV, HERE, K, biased, prompts, run, sampled_and_recomputed, write_jsonl
-from data import DataError, DataSpec, GAPDataset, TargetsConfig, collate, extract_targets, read_jsonl
+from checkpoint import load_checkpoint, save_checkpoint
+from data import DataError, DataSpec, GAPDataset, collate, read_jsonl
 from losses import IGNORE
-from model import add_latent_tokens, load_backbone, load_checkpoint, save_checkpoint
+from model import add_latent_tokens, load_backbone
+from targets import TargetsConfig, extract_targets
 
 
 def loop_args(g, batch):

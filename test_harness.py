@@ -27,7 +27,7 @@ import torch
 
 from conftest import ENV, HERE, K, make_gap, run
 from data import DataSpec, encode_prompt, open_image, read_jsonl
-from model import save_checkpoint
+from checkpoint import save_checkpoint
 
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import kill_after_first_result, make_gap, run
-from model import save_checkpoint
+from checkpoint import save_checkpoint
 
 # sampled (so the per-example generators matter), long enough that a kill lands mid-run, chunks of 5 so that the
 # 12 examples make uneven chunks and two ranks get different numbers of them; the default (continuous) schedule

@@ -139,10 +139,10 @@ def test_eager_attention_mask_equals_sdpa(gap, mix):
 
 
 def test_bench_infer_mode_runs():
-    """bench.py --mode infer at toy sizes: every measurement is there and positive, and its eval mix (uneven
+    """bench_infer.py --mode infer at toy sizes: every measurement is there and positive, and its eval mix (uneven
     answer lengths, every answer opening a latent span) comes out identical from static and continuous batching."""
-    import bench
-    rows = bench.main(bench.BenchConfig(mode="infer", hidden=32, context=24, latent_tokens=4, rows=2, eval_prompts=5,
+    import bench_infer
+    rows = bench_infer.main(bench_infer.BenchConfig(mode="infer", hidden=32, context=24, latent_tokens=4, rows=2, eval_prompts=5,
                                         median_new=6, new_tokens=4, repeats=1))
     by = {r["name"]: r for r in rows}
     assert {"latent step / text step", "recompute / cached, 4 latents", "decode step ms, batch 2",

@@ -17,7 +17,8 @@ import norms
 from common import DataError, parse_config
 from conftest import make_gap, prompts, run, write_jsonl
 from data import DataSpec, collate, encode_row, read_jsonl
-from model import load_backbone, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from model import load_backbone
 from tiny import write_sample_data
 
 # uneven questions (and image widths): the batch is left-padded

@@ -23,9 +23,9 @@ from PIL import Image
 
 from common import DataError
 from conftest import ENV, HERE, K, run, write_jsonl
-from data import (DataSpec, GAPDataset, TargetCache, TargetsConfig, aux_targets, extract_targets, open_image,
-                  read_jsonl, to_rgb)
+from data import DataSpec, GAPDataset, open_image, read_jsonl, to_rgb
 from model import load_backbone
+from targets import TargetCache, TargetsConfig, aux_targets, extract_targets
 
 
 def copy_world(world, tmp_path, n=None):
@@ -151,10 +151,10 @@ def test_too_long_names_the_pixel_budget_that_fits(world, gap, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # flags and bad input at the command line: one line, exit code 2
 
-@pytest.mark.parametrize("script,k", [("data.py", "5"), ("data.py", "-4"), ("data.py", "0"), ("train.py", "5")])
+@pytest.mark.parametrize("script,k", [("targets.py", "5"), ("targets.py", "-4"), ("targets.py", "0"), ("train.py", "5")])
 def test_latent_tokens_must_be_a_perfect_square(world, tmp_path, script, k):
     args = ["--model", world["model"], "--data", world["data"], "--latent_tokens", k]
-    p = run([script, *args, "--cache_dir" if script == "data.py" else "--target_cache", tmp_path / "c"],
+    p = run([script, *args, "--cache_dir" if script == "targets.py" else "--target_cache", tmp_path / "c"],
             expect_ok=False, timeout=120)
     one_line_error(p, f"--latent_tokens {k}")
     assert not (tmp_path / "c").exists()
@@ -176,7 +176,7 @@ def test_bad_input_is_one_line_and_exit_code_2(world, tmp_path):
 
 def test_bad_examples_are_all_found_before_the_first_step(world, tmp_path):
     """Two bad lines near the end of the data (a missing image, an image too wide for the processor): train.py and
-    `data.py validate` list both and count them by field before any training step, exit 2; with --skip_bad the
+    `train.py --check_only` list both and count them by field before any training step, exit 2; with --skip_bad the
     run trains on the others and reports 2 skipped."""
     data = copy_world(world, tmp_path)
     Image.new("RGB", (2020, 10), "white").save(tmp_path / "img" / "wide.png")
@@ -185,7 +185,7 @@ def test_bad_examples_are_all_found_before_the_first_step(world, tmp_path):
     write_jsonl(data, rows)
     args = ["--model", world["model"], "--data", data, "--target_cache", world["root"] / "cache",
             "--latent_tokens", str(K), "--max_len", "200"]
-    p = run(["data.py", "validate", *args], expect_ok=False, timeout=120)
+    p = run(["train.py", "--check_only", *args], expect_ok=False, timeout=120)
     one_line_error(p, "2 of 12 examples are bad (image: 2)")
     assert "train.jsonl:10: field 'image': image file not found" in p.stdout
     assert "train.jsonl:12: field 'image': absolute aspect ratio" in p.stdout
@@ -197,7 +197,7 @@ def test_bad_examples_are_all_found_before_the_first_step(world, tmp_path):
     p = run([*train, "--skip_bad"], timeout=300)
     assert "done: 5 steps, 2 bad examples skipped" in p.stdout, p.stdout[-2000:]
     write_jsonl(data, [json.loads(line) for line in open(world["data"])])
-    assert "all 12 examples are good" in run(["data.py", "validate", *args], timeout=120).stdout
+    assert "all 12 examples are good" in run(["train.py", "--check_only", *args], timeout=120).stdout
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -228,9 +228,9 @@ def test_a_cache_from_another_model_is_refused_with_what_differs(world, tmp_path
     import tiny
     data = copy_world(world, tmp_path, 2)
     other = tiny.build_tiny(str(tmp_path / "other"), hidden=32, seed=1)
-    run(["data.py", "--model", other, "--data", data, "--latent_tokens", K, "--cache_dir", tmp_path / "c"],
+    run(["targets.py", "--model", other, "--data", data, "--latent_tokens", K, "--cache_dir", tmp_path / "c"],
         timeout=120)
-    p = run(["data.py", "--model", world["model"], "--data", data, "--latent_tokens", K, "--cache_dir",
+    p = run(["targets.py", "--model", world["model"], "--data", data, "--latent_tokens", K, "--cache_dir",
              tmp_path / "c"], expect_ok=False, timeout=120)
     one_line_error(p, "made by another model or with other settings", "vision_tower", "width 32 -> 64")
     p = run(["train.py", "--model", world["model"], "--data", data, "--latent_tokens", K, "--target_cache",
@@ -239,12 +239,12 @@ def test_a_cache_from_another_model_is_refused_with_what_differs(world, tmp_path
 
 
 def test_a_deleted_shard_is_extracted_again_and_parallel_writers_never_collide(world, tmp_path):
-    """Two data.py processes on one cache at once (the natural way to parallelize) keep every target; after a
+    """Two targets.py processes on one cache at once (the natural way to parallelize) keep every target; after a
     shard is deleted, a rerun writes what is missing and the cache is whole again."""
     data = copy_world(world, tmp_path)
     lines = open(data).read().splitlines()
     halves = [write_jsonl(tmp_path / "a.jsonl", lines[:6]), write_jsonl(tmp_path / "b.jsonl", lines[6:])]
-    cmd = [sys.executable, "data.py", "--model", world["model"], "--data", data, "--latent_tokens", str(K),
+    cmd = [sys.executable, "targets.py", "--model", world["model"], "--data", data, "--latent_tokens", str(K),
            "--cache_dir", str(tmp_path / "c"), "--shard_size", "2", "--batch_size", "2"]
     procs = [subprocess.Popen([c if c != data else half for c in cmd], cwd=HERE, env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for half in halves]
@@ -265,7 +265,7 @@ def test_a_deleted_shard_is_extracted_again_and_parallel_writers_never_collide(w
 
 def test_extraction_killed_midway_resumes_to_the_uninterrupted_cache(world, tmp_path):
     data = copy_world(world, tmp_path)
-    cmd = [sys.executable, "data.py", "--model", world["model"], "--data", data, "--latent_tokens", str(K),
+    cmd = [sys.executable, "targets.py", "--model", world["model"], "--data", data, "--latent_tokens", str(K),
            "--cache_dir", str(tmp_path / "c"), "--shard_size", "1", "--batch_size", "1"]
     p = subprocess.Popen(cmd, cwd=HERE, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -288,7 +288,7 @@ def test_extraction_killed_midway_resumes_to_the_uninterrupted_cache(world, tmp_
 def test_extraction_under_torchrun_and_a_failing_rank(world, tmp_path):
     """2 ranks write the 1-process cache; a bad aux image in one rank's share ends every rank with its message."""
     data = copy_world(world, tmp_path)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "data.py",
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "targets.py",
               "--model", world["model"], "--latent_tokens", str(K)]
     p = subprocess.run([*launch, "--data", data, "--cache_dir", str(tmp_path / "c")], cwd=HERE, env=ENV,
                        capture_output=True, text=True, timeout=240)
@@ -323,8 +323,8 @@ def test_difficulty_results_of_edited_data_are_refused_not_mixed(world, tmp_path
 
 MERGE_KILL = """
 import os, signal, sys
-import common, difficulty
-real = common.atomic_write_text
+import common, difficulty, sharded
+real = sharded.atomic_write_text
 def torn(path, text):  # the merge's write of OUT is cut by a kill halfway
     if path.endswith("s.jsonl"):
         tmp = f"{path}.tmp{os.getpid()}"
@@ -332,7 +332,7 @@ def torn(path, text):  # the merge's write of OUT is cut by a kill halfway
             f.write(text[:len(text) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
     real(path, text)
-difficulty.atomic_write_text = torn
+sharded.atomic_write_text = torn  # the merge (sharded.run) writes OUT
 common.run_main(difficulty.main, common.parse_config(difficulty.DifficultyConfig, sys.argv[1:]))
 """
 
@@ -358,7 +358,7 @@ class Payload:
 
 def test_a_saved_state_cannot_run_code_when_loaded(world, tmp_path, monkeypatch):
     """meta.pt and the RNG files are read with weights_only=True: a pickle that would run code is refused."""
-    from model import load_state
+    from checkpoint import load_state
     state = tmp_path / "state"
     state.mkdir()
     monkeypatch.setenv("GAP_PWNED", str(tmp_path / "pwned"))

@@ -13,9 +13,9 @@ import torch
 
 import latent_loop
 from conftest import K, prompts, sampled_and_recomputed, write_jsonl
-from data import (PLACEHOLDER, DataError, DataSpec, GAPDataset, TargetCache, TargetsConfig, aux_hash, aux_targets, collate,
-                  extract_targets, open_image, read_jsonl)
+from data import PLACEHOLDER, DataError, DataSpec, GAPDataset, aux_hash, collate, open_image, read_jsonl
 from losses import IGNORE
+from targets import TargetCache, TargetsConfig, aux_targets, extract_targets
 
 STEP = " I look again. <latent> <parser>still the same.</parser>"
 

@@ -23,7 +23,7 @@ from data import DataSpec, GAPDataset, collate, collate_packed, pack
 DRIVER = SAVE_FIRST_GRADS + """
 import json, os, signal, sys, time
 import torch
-import data, model, train
+import checkpoint, data, train
 from common import run_main
 mode, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 rank = int(os.environ.get("RANK", 0))
@@ -42,15 +42,14 @@ def collate(self, items):  # runs in this process with --num_workers 0
     return micro, errors
 data.StepCollate.__call__ = collate
 if mode == "grads":
-    save_first_grads(train, out, rank)
-    train.main(cfg)
+    train.main(cfg, on_grads=first_grads(out, rank))
     print(f"rank {rank} reduced gradients in: {sorted(reduced)}", flush=True)
 else:  # train.main, SIGKILLed on rank 0 after the state of step N is saved, or in the middle of that save; or
     # (hold) every rank of this launcher waits after that save, until the test kills the launcher
     kill = os.environ.get("KILL", "")
     if kill:
         where, at = kill.split(":")
-        real_save, real_replace = train.save_state, model.replace_dir
+        real_save, real_replace = train.save_state, checkpoint.replace_dir
         def save_state(path, gap, opt, sched, step, *a):
             real_save(path, gap, opt, sched, step, *a)
             if where == "after_save" and step == int(at) and rank == 0:
@@ -62,7 +61,7 @@ else:  # train.main, SIGKILLed on rank 0 after the state of step N is saved, or 
             if where == "mid_save" and torch.load(os.path.join(tmp, "meta.pt"))["step"] == int(at):
                 os.kill(os.getpid(), signal.SIGKILL)
             real_replace(tmp, path)
-        train.save_state, model.replace_dir = save_state, replace_dir
+        train.save_state, checkpoint.replace_dir = save_state, replace_dir
     losses = run_main(train.main, cfg)["losses"]  # as train.py's __main__ runs it
     if rank == 0:
         with open(out, "w") as f:
@@ -150,7 +149,7 @@ def test_bf16_run_trains_saves_and_infers(world, tmp_path):
     """One process, --precision bf16 (CPU autocast): the run exports fp32 weights that infer.py loads and
     generates with, and its losses are the fp32 run's up to bf16 rounding."""
     import train
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     common = dict(model=world["model"], data=world["data"], target_cache=str(world["root"] / "cache"),
                   latent_tokens=K, adapter_dim=16, lr=1e-3, head_lr=1e-3, global_batch=4, max_steps=2,
                   num_workers=0)
@@ -237,7 +236,7 @@ def test_fsdp_export_matches_ddp_and_loads(straight):
     """The FSDP2 run's export (full state dict gathered to rank 0) holds the same model as the DDP run's, and
     infer.py's loader and the stock class read it."""
     from transformers import Qwen2_5_VLForConditionalGeneration
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     g_fsdp, _, _, config = load_checkpoint(str(straight["fsdp"]["out"]), "cpu")
     g_ddp, _, _, _ = load_checkpoint(str(straight["ddp"]["out"]), "cpu")
     assert config["fsdp"] and config["step"] == 6

@@ -87,8 +87,8 @@ def build_tokenizer(texts, vocab_size=600):
 
 def tiny_config(tokenizer, hidden=64, layers=2, text=None, vision=None, attn=None):
     """Qwen2.5-VL config with the real architecture (M-RoPE, window attention, 2x2 patch merger), at toy size
-    unless `text` / `vision` override fields of the text and vision configs (bench.py builds its small and
-    Qwen2.5-VL-7B shapes this way); `attn` is the attention implementation (None: transformers' default).
+    unless `text` / `vision` override fields of the text and vision configs (shape_config builds the
+    benchmarks' small and Qwen2.5-VL-7B shapes this way); `attn` is the attention implementation (None: transformers' default).
     vocab_size leaves room above the tokenizer, as Qwen2.5-VL-7B's does."""
     from transformers import Qwen2_5_VLConfig
     ids = tokenizer.convert_tokens_to_ids
@@ -107,6 +107,45 @@ def tiny_config(tokenizer, hidden=64, layers=2, text=None, vision=None, attn=Non
                             video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
                             vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False,
                             attn_implementation=attn, **special)
+
+
+# named shapes for the benchmarks: shape -> (text, vision, image tokens range, median response tokens)
+SHAPES = {
+    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=768),
+             dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1]), (4, 128), 48),
+    "small": (dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=2, vocab_size=4096),
+              dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, fullatt_block_indexes=[3]),
+              (16, 256), 96),
+    "7b": (dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064),
+           dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, fullatt_block_indexes=[7, 15, 23, 31]),
+           (64, 1024), 384),
+}
+
+
+@dataclasses.dataclass
+class BenchFlags:
+    """What every benchmark takes (bench_train.py, bench_infer.py): the random model's shapes, the seed, the output"""
+    layers: int = dataclasses.field(default=0, metadata={"help": "decoder layers (0: the shape's own; 7b: 28; sample: tiny's 2)"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "weights, length mix and sampling"})
+    out: str = dataclasses.field(default="", metadata={"help": "also write the results here as JSON"})
+    shapes: str = dataclasses.field(default="tiny", metadata={"help": "model shapes", "choices": ["tiny", "small", "7b"]})
+    vision_depth: int = dataclasses.field(default=0, metadata={"help": "vision blocks (0: the shape's own; 7b: 32)"})
+    latent_tokens: int = dataclasses.field(default=36, metadata={"help": "K latent slots per example"})
+
+
+def shape_config(shapes, tokenizer, attn=None, layers=0, vision_depth=0):
+    """The Qwen2.5-VL config of a named shape (tiny_config with SHAPES' overrides), with `layers` decoder layers and
+    `vision_depth` vision blocks (0: the shape's own); the full-attention vision blocks that exist at that depth."""
+    text, vision, _, _ = SHAPES[shapes]
+    depth = vision_depth or vision["depth"]
+    text = dict(text, num_hidden_layers=layers or text["num_hidden_layers"], rope_theta=1e6,
+                max_position_embeddings=32768)
+    vision = dict(vision, depth=depth, window_size=112,
+                  fullatt_block_indexes=[i for i in vision["fullatt_block_indexes"] if i < depth])
+    return tiny_config(tokenizer, text=text, vision=vision, attn=attn)
 
 
 def build_tiny(out_dir, hidden=64, layers=2, vocab=600, seed=0, texts=None):

@@ -170,7 +170,7 @@ def difficulty(cfg, ckpt, data, out_path):
     """difficulty.py on the base checkpoint: accuracy = fraction of N sampled base answers (image + question
     only) that match `answer`. Returns the scored rows."""
     import difficulty as difficulty_py
-    from common import clear_outputs
+    from sharded import clear_outputs
     clear_outputs(out_path)  # a fresh measurement, not a resume of an older run
     difficulty_py.main(difficulty_py.DifficultyConfig(
         model=ckpt, data=data, out=out_path, samples=cfg.samples, temperature=cfg.difficulty_temperature,
@@ -180,13 +180,12 @@ def difficulty(cfg, ckpt, data, out_path):
 
 
 def evaluate(cfg, ckpt, rows, path, mode="model", norm_calib="none", given=None, tags=None, seed=None):
-    """Greedy answers of a checkpoint on rows through latent_loop.latent_steps (the loop infer.py runs), scored
+    """Greedy answers of a checkpoint on rows through GAP.steps (the loop infer.py runs, with its settings), scored
     with answers.py. mode: model | zero | noise | given (given: {id: (K, D) latents}, fed in every span the row
     opens). seed: of the noise draws (default cfg.seed). Writes one JSON line per row to `path` (with tags[id], if
     given); returns (results, {id: the (K, D) latents of its first span})."""
     import torch
     import infer
-    import latent_loop
     from answers import answers_match, extract_answer
     from common import atomic_write_text
     ic = infer.InferConfig(ckpt=ckpt, latent_mode=mode, norm_calib=norm_calib, max_new_tokens=cfg.max_new_tokens,
@@ -198,11 +197,9 @@ def evaluate(cfg, ckpt, rows, path, mode="model", norm_calib="none", given=None,
         chunk = rows[i:i + cfg.eval_batch]
         batch = prompt_batch(runner.tokenizer, runner.image_processor, chunk, runner.spec)
         fixed = torch.stack([given[r["id"]] for r in chunk]) if given is not None else None
-        steps = list(latent_loop.latent_steps(
-            gap.backbone, gap.head, gap.latent_ids, K, batch["input_ids"], batch["attention_mask"],
-            batch["pixel_values"], batch["image_grid_thw"], max_new_tokens=cfg.max_new_tokens, latent_mode=mode,
-            norm_calib=norm_calib, stop_ids=runner.stop_ids, given=fixed,
-            generator=infer.example_generators(ic, chunk, "cpu")))
+        steps = list(gap.steps(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                               batch["image_grid_thw"], runner.sampling, given=fixed,
+                               generator=infer.example_generators(ic, chunk, "cpu")))
         tokens = torch.stack([s.token for s in steps], 1)
         for b, r in enumerate(chunk):
             fed = [s.fed[b] for s in steps if s.fed is not None and 0 <= int(s.slot[b]) < K]
@@ -243,7 +240,8 @@ def donors(rows, latents, seed):
 
 def oracle_targets(cfg, base, path, K):
     """{id: (K, D)} the true aux-image targets of the rows of `path`, from the base's frozen vision tower."""
-    from data import TargetCache, TargetsConfig, aux_hash, extract_targets, read_jsonl
+    from data import aux_hash, read_jsonl
+    from targets import TargetCache, TargetsConfig, extract_targets
     cache_dir = os.path.join(cfg.out, "cache")
     extract_targets(TargetsConfig(model=base, data=path, latent_tokens=K, cache_dir=cache_dir, batch_size=64))
     cache = TargetCache(cache_dir, K)
@@ -342,8 +340,8 @@ def run(cfg: ToyConfig):
     import pca as pca_lib
     import tiny
     from common import atomic_write_text
-    from data import TargetCache, TargetsConfig, extract_targets, read_jsonl
-    from train import fit_basis
+    from data import read_jsonl
+    from targets import TargetCache, TargetsConfig, extract_targets, fit_basis
     if cfg.quick:
         cfg = dataclasses.replace(cfg, **QUICK)
     if cfg.threads:
@@ -453,7 +451,7 @@ def run(cfg: ToyConfig):
 
     # 7. Fig. 2 of the first GAP: layer-wise norms, final state vs vision embeddings vs what GAP feeds back
     import norms as norms_py
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     gap0 = fine_tune(cfg, dict(latent_tokens=K, latent_head="pca"), tau, seeds[0], base, scored_path, pca_paths)
     g, tok, ip, _ = load_checkpoint(gap0, "cpu", torch.float32)
     fig2 = norms_py.profile(g.backbone, prompt_batch(tok, ip, test[:64]), head=g.head)

@@ -2,10 +2,11 @@
 Qwen2.5-VL with a PCA-aligned latent head, difficulty-aware latent assignment, AdamW + warmup + cosine.
 The same file runs under python (one process) and torchrun: DDP, or FSDP2 with --fsdp (gloo on CPU, nccl on GPU);
 --pack packs several examples per row; --save_every N writes resumable state, and a run started again (by hand, or by
-torchrun --max-restarts after a worker died) continues from it by itself; --fresh starts over.
+torchrun --max-restarts after a worker died) continues from it by itself; --fresh starts over; --check_only checks
+every example as training would see it and stops. One optimizer step is step.train_step.
 
     python tiny.py --out out/tiny --sample_data out/sample
-    python data.py --model out/tiny --data out/sample/train.jsonl --latent_tokens 4 --cache_dir out/cache
+    python targets.py --model out/tiny --data out/sample/train.jsonl --latent_tokens 4 --cache_dir out/cache
     python train.py --model out/tiny --data out/sample/train.jsonl --target_cache out/cache --latent_tokens 4 \\
         --global_batch 4 --epochs 3 --lr 1e-3 --head_lr 1e-3 --out_dir out/gap
     torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl \\
@@ -15,9 +16,7 @@ VaLR (README "VaLR"): --align repa with cached encoder features (align.py), --st
         --align repa --align_encoders enc/dinov2,enc/siglip --align_cache align_cache --stage 1 --out_dir out/s1
     python train.py --model out/s1 ... --stage 2 --out_dir out/valr
 """
-import contextlib
 import dataclasses
-import math
 import os
 import random
 import time
@@ -25,32 +24,33 @@ from dataclasses import field
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import align as align_lib
+import latent_head
 import pca as pca_lib
+from checkpoint import export, find_state, load_state, remove_state, save_state
 from common import SQUARE, BadExamples, DataError, all_reduce, parse_config, run_main, setup_distributed
-from data import (PLACEHOLDER, DataSpec, GAPDataset, StepCollate, TargetCache, aux_hash, cache_info, report,
-                  validate)
+from data import DataSpec, GAPDataset, StepCollate, check_rows
 from latent_head import LatentHead
-from losses import lm_targets, total_loss
-from model import GAP, add_latent_tokens, export, find_state, load_backbone, load_state, remove_state, save_state
+from model import GAP, add_latent_tokens, load_backbone
+from step import lr_factor, optimizer_for, train_step, wrap
+from targets import TargetCache, cache_info, fit_basis
 
 
 AUTO_SAVE = 200  # --save_every -1: a state every 200 steps, so a crash loses at most that much of a long run
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(align_lib.VaLRConfig):
     """Train GAP on Qwen2.5-VL."""
     model: str = field(default="", metadata={"help": "base model directory or hub id"})
     data: str = field(default="", metadata={"help": "training JSONL (paper appendix I; README 'Data format')"})
-    target_cache: str = field(default="cache", metadata={"help": "latent targets written by data.py"})
+    target_cache: str = field(default="cache", metadata={"help": "latent targets written by targets.py"})
     out_dir: str = field(default="out/gap", metadata={"help": "final checkpoint directory (infer.py --ckpt)"})
     latent_tokens: int = field(default=36, metadata={"help": "K latents per span, a perfect square; 0 = dense caption",
                                                      "check": SQUARE})
     latent_head: str = field(default="pca", metadata={"help": "pca (GAP) | full (LH ablation) | hidden (output-as-input)",
-                                                      "choices": ["pca", "full", "hidden"]})
+                                                      "choices": list(latent_head.KINDS)})
     pca_path: str = field(default="", metadata={"help": "PCA basis from pca.py; empty: fit it from the target cache"})
     pca_var: float = field(default=0.95, metadata={"help": "explained variance that sets k (paper: 0.95 -> k=629)"})
     adapter_dim: int = field(default=256, metadata={"help": "hidden width of the head's SwiGLU adapter"})
@@ -90,55 +90,25 @@ class TrainConfig:
     skip_bad: bool = field(default=False, metadata={"help": "skip and count bad examples instead of stopping"})
     validate: bool = field(default=True, metadata={"help": "check every example (images, lengths, targets) before "
                                                            "step 1, all ranks sharing the work"})
+    check_only: bool = field(default=False, metadata={"help": "check every example, report every problem, and stop "
+                                                             "(exit 0: all good; 2: bad examples listed)"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank (0: load in the "
                                                           "training process)", "range": (0, 64)})
     log_every: int = field(default=10, metadata={"help": "print a log line every N steps", "range": (1, None)})
-    # VaLR (README "VaLR"; align.py)
-    stage: int = field(default=0, metadata={"help": "VaLR curriculum: 1 (slots hold the pad embedding), 2 (slots "
-                                                    "self-fed, projectors from --model's align.safetensors); 0: none",
-                                            "range": (0, 2)})
-    latent_feed: str = field(default="auto", metadata={
-        "help": "latent slot inputs in training: targets (GAP) | pad | self (the model's own latents); auto: targets, "
-                "pad in stage 1, self in stage 2", "choices": ["auto", "targets", "pad", "self"]})
-    feed_passes: int = field(default=0, metadata={"help": "no-grad passes that compute self-fed latents (0: exact, "
-                                                          "as many as a row's latent slots)", "range": (0, None)})
-    align: str = field(default="none", metadata={"help": "repa: align a decoder layer with vision-encoder features",
-                                                 "choices": ["none", "repa"]})
-    align_encoders: str = field(default="", metadata={"help": "comma-separated encoder directories (align.py)"})
-    align_cache: str = field(default="align_cache", metadata={"help": "encoder features written by align.py"})
-    align_layer: int = field(default=0, metadata={"help": "decoder layer aligned, 1-based (0: the middle one, L // 2)",
-                                                  "range": (0, None)})
-    align_dim: int = field(default=2048, metadata={"help": "hidden width of each encoder's projector MLP"})
-    align_text: bool = field(default=False, metadata={"help": "also align the text tokens of each reasoning step"})
-    lambda_align: float = field(default=0.5, metadata={"help": "weight of the REPA loss"})
 
 
 # ----------------------------------------------------------------------------------------------------------
-# model, data set, sharding, optimizer
-
-def fit_basis(cache: TargetCache, rows, var, rank, world):
-    """PCA basis of the cached targets of `rows` (those with a latent span), each rank streaming a slice, merged
-    exactly across ranks. None when no row has a target."""
-    if cache.info is None:  # nothing extracted for this K
-        return None
-    stats = pca_lib.PCAStats(d=cache.info["width"])
-    for r in [r for r in rows if PLACEHOLDER in r["response"]][rank::world]:
-        with contextlib.suppress(DataError, KeyError):  # a bad or missing one is reported by validation
-            stats.update(cache.get(r["id"], aux_hash(r)))
-    n = all_reduce([stats.n], torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-                   else torch.device("cpu"))[0]
-    return pca_lib.fit(stats.all_reduce(), var) if n else None
-
+# the model and the data set
 
 def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
-    """Backbone + latent vocabulary + head + data set, unwrapped, fp32 on `device`.
-    Returns (gap, tokenizer, image_processor, dataset, basis)."""
+    """Backbone + latent vocabulary + head + data set, unwrapped, fp32 on `device` (with VaLR's flags: the
+    align.VaLR model). Returns (gap, tokenizer, image_processor, dataset, basis); with --check_only gap is None."""
     backbone, tokenizer, image_processor = load_backbone(cfg.model, device, torch.float32, cfg.attn)
     ids = add_latent_tokens(backbone, tokenizer)
     backbone.model.visual.requires_grad_(cfg.train_vision)
     if cfg.grad_ckpt:  # recompute each decoder block in backward instead of keeping its activations
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    feed = latent_feed(cfg)
+    feed = align_lib.latent_feed(cfg)
     spec = DataSpec(cfg.latent_tokens, cfg.difficulty_tau, cfg.max_len, cfg.image_min_pixels, cfg.image_max_pixels,
                     latent_targets=feed == "targets")
     # refuses a cache made by another vision tower, K or resize (the fingerprint is of the base weights, before any
@@ -148,18 +118,13 @@ def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
     # return_errors: a bad example reaches the training process as a message (from a loader worker too),
     # which stops the run with it or, with --skip_bad, counts it
     dataset = GAPDataset(cfg.data, tokenizer, image_processor, ids, spec, cache, cfg.skip_bad, return_errors=True)
-    if cfg.validate:  # every example checked before step 1, so that no bad one stops the run hours in
-        problems = validate(dataset.rows, dataset.check, rank, world)
-        if problems and not cfg.skip_bad:
-            raise DataError(report(problems, len(dataset.rows), "training") if rank == 0 else "bad examples (rank 0 "
-                            "lists them)")
+    if cfg.validate or cfg.check_only:  # every example checked before step 1, so no bad one stops the run hours in
+        problems = check_rows(dataset.rows, dataset.check, "training", rank, world, cfg.skip_bad)
         bad_rows = {i for i, _, _ in problems}
         dataset.rows = [r for i, r in enumerate(dataset.rows) if i not in bad_rows]
         dataset.skipped += len(bad_rows)
-    if cfg.stage and cfg.align != "repa":
-        raise DataError(f"--stage {cfg.stage} is VaLR's curriculum: it needs --align repa")
-    if cfg.stage == 1:  # only the projectors and the latent head learn (README "VaLR")
-        backbone.requires_grad_(False)
+    if cfg.check_only:
+        return None, tokenizer, image_processor, dataset, None
     if basis is None and cfg.latent_tokens:
         if cfg.pca_path and not os.path.exists(cfg.pca_path):
             raise DataError(f"--pca_path {cfg.pca_path}: no such file")
@@ -174,76 +139,15 @@ def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
     # K = 0 (dense-caption control) never calls the head: a parameter-free one keeps the code path the same
     kind = cfg.latent_head if cfg.latent_tokens else "hidden"
     head = LatentHead(kind, backbone.config.text_config.hidden_size, basis=basis, adapter_dim=cfg.adapter_dim)
-    head_path = os.path.join(cfg.model, "latent_head.safetensors")
-    if cfg.stage == 2 and os.path.exists(head_path):  # stage 2 goes on from stage 1's head
-        from safetensors.torch import load_file
-        head.load_state_dict(load_file(head_path))
-    gap = GAP(backbone, head.to(device), ids, cfg.latent_tokens)
-    gap.latent_feed, gap.feed_passes = feed, cfg.feed_passes
-    if cfg.align == "repa":
-        gap.align, dataset = align_lib.build(cfg, backbone, dataset, from_stage_one=cfg.stage == 2)
-        gap.align.to(device)
+    gap = GAP(backbone, head.to(device), ids, cfg.latent_tokens, cfg.lambda_latent)
+    if feed != "targets" or cfg.align != "none":  # VaLR's feeding and REPA loss (align.py)
+        gap, dataset = align_lib.build(cfg, gap, dataset, feed)
     return gap, tokenizer, image_processor, dataset, basis
-
-
-def latent_feed(cfg):
-    """What the latent slots hold in training (--latent_feed; auto follows --stage). Without aux-image targets
-    L_latent has nothing to learn from, so its weight must be 0."""
-    feed = cfg.latent_feed if cfg.latent_feed != "auto" else {0: "targets", 1: "pad", 2: "self"}[cfg.stage]
-    if feed != "targets" and cfg.lambda_latent and cfg.latent_tokens:
-        raise ValueError(f"--latent_feed {feed} has no latent targets: pass --lambda_latent 0")
-    return feed
 
 
 def bf16(cfg, device):
     """Whether the run computes in bf16 (--precision; auto: on GPU only, where bf16 matmuls are fast)."""
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-
-
-def shard(gap, device, world, param_dtype=torch.float32):
-    """FSDP2 (ShardingStrategy FULL_SHARD semantics): each decoder block, the vision tower as one unit, the
-    latent head (kept fp32: its outputs are fed back as inputs), then the root. Parameters are gathered in
-    param_dtype (bf16 with --precision bf16) and gradients reduced in fp32; the sharded fp32 parameters are the
-    optimizer's master weights. Returns gap, now an FSDPModule."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.type, (world,))
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in gap.backbone.model.language_model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(gap.backbone.model.visual, mesh=mesh, mp_policy=mp)
-    fully_shard(gap.head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32,
-                                                                    reduce_dtype=torch.float32))
-    return fully_shard(gap, mesh=mesh, mp_policy=mp)
-
-
-def wrap(gap, cfg, device, world):
-    """The module the micro-steps of main() run: FSDP2-sharded gap, DDP around gap, or gap itself (one process)."""
-    if cfg.fsdp:
-        return shard(gap, device, world, torch.bfloat16 if bf16(cfg, device) else torch.float32)
-    if world > 1:  # buffers (PCA basis, rotary) never change: no per-forward broadcast
-        return DDP(gap, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    return gap
-
-
-def optimizer_for(gap, cfg):
-    """AdamW with decay on matrices only, and the head (and REPA projectors) on its own learning rate."""
-    groups = {"decay": [], "no_decay": [], "head": []}
-    for name, p in gap.named_parameters():
-        if p.requires_grad:
-            groups["head" if name.startswith(("head.", "align.")) else ("decay" if p.ndim >= 2 else "no_decay")].append(p)
-    return torch.optim.AdamW([
-        dict(params=groups["decay"], lr=cfg.lr, weight_decay=cfg.weight_decay),
-        dict(params=groups["no_decay"], lr=cfg.lr, weight_decay=0.0),
-        dict(params=groups["head"], lr=cfg.head_lr, weight_decay=cfg.weight_decay)])
-
-
-def lr_factor(step, total, warmup_ratio):
-    """Linear warmup over warmup_ratio of the steps, then cosine decay to 0."""
-    warmup = max(1, math.ceil(warmup_ratio * total))
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -263,18 +167,6 @@ class StepSampler(torch.utils.data.Sampler):
             epoch, i = divmod(step, steps_per_epoch)
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
             yield perm[i * self.global_batch:(i + 1) * self.global_batch][self.rank::self.world]
-
-
-def set_grad_sync(model, sync):
-    """Reduce gradients across ranks in this backward (the last micro-step) or not (the others)."""
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(sync)
-    elif isinstance(model, DDP):
-        model.require_backward_grad_sync = sync
-
-
-def to_device(batch, device):
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "ids"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,23 +198,32 @@ def schedule(cfg, world, n_examples):
     return (min(cfg.max_steps, total) if cfg.max_steps else total), pack_len
 
 
-def main(cfg: TrainConfig):
-    """The whole run, top to bottom as in nanoGPT's train.py (so over 60 lines): setup, resume, the step loop
-    with its micro-steps, export. Returns dict(losses=[(L_LM, L_latent) per step], step_s=[seconds per step])."""
+def main(cfg: TrainConfig, on_grads=None):
+    """The whole run, top to bottom as in nanoGPT's train.py: setup, resume, the step loop (one step.train_step per
+    optimizer step: micro-steps, gradient sync on the last, global normalization, clip, AdamW), logging, saving,
+    export. on_grads(gap): called in every step with its gradients, before clipping. Returns dict(losses=[(L_LM,
+    L_latent[, L_align]) per step], step_s=[seconds per step], attn)."""
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     state_dir = cfg.state_dir or cfg.out_dir.rstrip("/") + ".state"
-    if cfg.fresh and rank == 0:
+    if cfg.fresh and rank == 0 and not cfg.check_only:
         remove_state(state_dir)
-    resume_from = None if cfg.fresh else find_state(state_dir)  # a state left by an unfinished run: go on from it
+    resume_from = None if cfg.fresh or cfg.check_only else find_state(state_dir)  # a state an unfinished run left
     saved_basis = os.path.join(resume_from, "pca.safetensors") if resume_from else ""
     gap, tokenizer, image_processor, dataset, basis = build(
         cfg, device, rank, world, pca_lib.load(saved_basis) if os.path.exists(saved_basis) else None)
+    if cfg.check_only:
+        if rank == 0:
+            print(f"all {len(dataset.rows)} examples are good" if not dataset.skipped else
+                  f"{len(dataset.rows)} examples are good, {dataset.skipped} bad ones skipped (--skip_bad)")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return dict(losses=[], step_s=[], attn=None)
     total, pack_len = schedule(cfg, world, len(dataset))
     save_every = save_interval(cfg.save_every, total)
-    model = wrap(gap, cfg, device, world)
-    opt = optimizer_for(gap, cfg)
+    model = wrap(gap, device, world, cfg.fsdp, bf16(cfg, device))
+    opt = optimizer_for(gap, cfg.lr, cfg.head_lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_ratio))
     run_config = dict(dataclasses.asdict(cfg), **dataclasses.asdict(dataset.spec))
     step, skipped = load_state(resume_from, gap, opt, sched, rank, run_config, RESUME_FIXED) if resume_from else (0, 0)
@@ -342,49 +243,18 @@ def main(cfg: TrainConfig):
             bad.add(message)  # raises DataError (all ranks then stop), or with --skip_bad counts it
         if not micro:  # every example of this rank's share was bad: nothing to keep the ranks' steps alike with
             raise ValueError(f"rank {rank} has no valid example at step {step} (all skipped as bad)")
-        # the loss is normalized by the global number of supervised tokens and latent slots of the step (not by
-        # the number of micro-steps): answers have different lengths, and ranks hold different examples
-        n_lm = sum(int(lm_targets(mb["labels"], mb["input_ids"], gap.latent_ids).sum()) for mb in micro)
-        n_latent = sum(int((mb["input_ids"] == gap.pad_id).sum()) for mb in micro)  # latent slots
-        n_align = sum(align_lib.n_positions(mb["input_ids"], mb["labels"], gap.latent_ids, cfg.align_text)
-                      for mb in micro) if gap.align is not None else 0
-        n_lm, n_latent, n_align, n_bad = all_reduce([n_lm, n_latent, n_align, bad.count], device)
-        (n_micro,) = all_reduce([len(micro)], device, dist.ReduceOp.MAX if dist.is_initialized() else None)
-        lm_sum = latent_sum = align_sum = n_tokens = 0.0
-        for j in range(int(n_micro)):
-            # FSDP gathers parameters in every forward, so all ranks run n_micro of them: a rank with fewer
-            # micro-batches (packing, skipped examples) repeats its last one with weight 0
-            weight, mb = float(j < len(micro)), to_device(micro[min(j, len(micro) - 1)], device)
-            set_grad_sync(model, j == n_micro - 1)  # reduce gradients on the last micro-step only
-            # bf16: autocast over fp32 weights (DDP, one process); FSDP2 gathers bf16 weights itself (shard())
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16(cfg, device) and not cfg.fsdp):
-                out = model(**mb, scheduled_sampling=cfg.scheduled_sampling)
-            # x world: DDP and FSDP average gradients over ranks, the global normalization already did
-            loss = total_loss(out, n_lm, n_latent, cfg.lambda_latent) * world
-            if gap.align is not None:  # REPA, normalized by the global number of aligned positions
-                loss = loss + cfg.lambda_align * out["align_sum"] / max(n_align, 1.0) * world
-                align_sum += weight * out["align_sum"].item()
-            (loss * weight).backward()
-            lm_sum += weight * out["lm_sum"].item()
-            latent_sum += weight * out["latent_sum"].item()
-            n_tokens += weight * (mb["input_ids"].numel() if mb["attention_mask"] is None else mb["attention_mask"].sum().item())
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(gap.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss, n_tokens = train_step(model, gap, opt, micro, device, world, sched, cfg.grad_clip, bf16(cfg, device),
+                                    cfg.fsdp, cfg.scheduled_sampling, on_grads)
         step += 1
-        lm_sum, latent_sum, align_sum, n_tokens = all_reduce([lm_sum, latent_sum, align_sum, n_tokens], device)
-        losses.append((lm_sum / max(n_lm, 1), latent_sum / max(n_latent, 1))
-                      + ((align_sum / max(n_align, 1),) if gap.align is not None else ()))
+        losses.append(tuple(loss.values()))  # (L_LM, L_latent[, L_align])
         step_s.append(time.time() - t0)  # the whole step, waiting for its data included
         t0, window_tokens = time.time(), window_tokens + n_tokens
         if rank == 0 and (step % cfg.log_every == 0 or step == total):
-            print(f"step {step}/{total} | loss_lm {losses[-1][0]:.4f} | loss_latent {losses[-1][1]:.4f} | "
-                  + (f"loss_align {losses[-1][2]:.4f} | " if gap.align is not None else "") +
-                  f"lr {sched.get_last_lr()[0]:.2e} | {window_tokens / (t0 - t_log):.0f} tok/s", flush=True)
+            print(f"step {step}/{total} | " + " | ".join(f"loss_{k} {v:.4f}" for k, v in loss.items())
+                  + f" | lr {sched.get_last_lr()[0]:.2e} | {window_tokens / (t0 - t_log):.0f} tok/s", flush=True)
             t_log, window_tokens = t0, 0.0
         if save_every and step % save_every == 0 and step < total:
+            n_bad = all_reduce([bad.count], device)[0]
             save_state(state_dir, gap, opt, sched, step, skipped + int(n_bad), basis, rank, run_config)
     skipped += int(all_reduce([bad.count], device)[0])
     export(gap, tokenizer, image_processor, cfg.out_dir, dict(run_config, step=step), basis, rank, cfg.fsdp)

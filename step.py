@@ -1,0 +1,120 @@
+"""One optimizer step of GAP training (paper eq. 3 over micro-batches and ranks; recipe of appendix F) and what it
+runs on: the FSDP2 / DDP wrapping, AdamW with its parameter groups, the warmup + cosine schedule. train.main calls
+train_step() once per step; bench_train.py times the same function.
+
+    model = wrap(gap, device, world, fsdp=..., bf16=...)
+    opt = optimizer_for(gap, lr, head_lr, weight_decay)
+    losses, tokens = train_step(model, gap, opt, micro_batches, device, world)
+
+The model's own counts() and loss() say what is normalized by what and how the terms are weighted (GAP: eq. 3;
+align.VaLR adds REPA), so the step is the same for every objective.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import all_reduce
+
+
+def train_step(model, gap, opt, micro, device, world, sched=None, grad_clip=1.0, bf16=False, fsdp=False,
+               scheduled_sampling=False, on_grads=None):
+    """One optimizer step on this rank's micro-batches `micro` (collated dicts) of a step's global batch.
+    model: gap wrapped (wrap()); gap: the unwrapped GAP, whose counts() / loss() define the objective.
+    on_grads(gap): called with the step's gradients in place, before clipping (a seam for tests and metrics).
+    Returns ({term: the step's mean loss over the global batch}, the number of real tokens over all ranks)."""
+    # the loss is normalized by the global number of supervised tokens and latent slots of the step (not by the
+    # number of micro-steps): answers have different lengths, and ranks hold different examples
+    local = {}
+    for mb in micro:
+        for k, v in gap.counts(mb).items():
+            local[k] = local.get(k, 0.0) + v
+    n = dict(zip(local, all_reduce(list(local.values()), device)))
+    (n_micro,) = all_reduce([len(micro)], device, dist.ReduceOp.MAX if dist.is_initialized() else None)
+    sums, tokens = {}, 0.0
+    for j in range(int(n_micro)):
+        # FSDP gathers parameters in every forward, so all ranks run n_micro of them: a rank with fewer
+        # micro-batches (packing, skipped examples) repeats its last one with weight 0
+        weight, mb = float(j < len(micro)), to_device(micro[min(j, len(micro) - 1)], device)
+        set_grad_sync(model, j == n_micro - 1)  # reduce gradients on the last micro-step only
+        # bf16: autocast over fp32 weights (DDP, one process); FSDP2 gathers bf16 weights itself (shard())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp):
+            out = model(**mb, scheduled_sampling=scheduled_sampling)
+        # x world: DDP and FSDP average gradients over ranks, the global normalization already did
+        (gap.loss(out, n) * world * weight).backward()
+        for k in (k for k in out if k.endswith("_sum")):
+            sums[k] = sums.get(k, 0.0) + weight * out[k].item()
+        tokens += weight * (mb["input_ids"].numel() if mb["attention_mask"] is None else mb["attention_mask"].sum().item())
+    if on_grads is not None:
+        on_grads(gap)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(gap.parameters(), grad_clip)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    *totals, tokens = all_reduce(list(sums.values()) + [tokens], device)
+    # lm_sum / n_lm, latent_sum / n_latent, align_sum / n_align: each term per supervised position
+    return {k[:-len("_sum")]: v / max(n["n_" + k[:-len("_sum")]], 1.0) for k, v in zip(sums, totals)}, tokens
+
+
+def set_grad_sync(model, sync):
+    """Reduce gradients across ranks in this backward (the last micro-step) or not (the others)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    elif isinstance(model, DDP):
+        model.require_backward_grad_sync = sync
+
+
+def to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "ids"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the step runs on
+
+def shard(gap, device, world, param_dtype=torch.float32):
+    """FSDP2 (ShardingStrategy FULL_SHARD semantics): each decoder block, the vision tower as one unit, the
+    latent head (kept fp32: its outputs are fed back as inputs), then the root. Parameters are gathered in
+    param_dtype (bf16 with --precision bf16) and gradients reduced in fp32; the sharded fp32 parameters are the
+    optimizer's master weights. Returns gap, now an FSDPModule."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in gap.backbone.model.language_model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(gap.backbone.model.visual, mesh=mesh, mp_policy=mp)
+    fully_shard(gap.head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32,
+                                                                    reduce_dtype=torch.float32))
+    return fully_shard(gap, mesh=mesh, mp_policy=mp)
+
+
+def wrap(gap, device, world, fsdp=False, bf16=False):
+    """The module the micro-steps run: FSDP2-sharded gap, DDP around gap, or gap itself (one process)."""
+    if fsdp:
+        return shard(gap, device, world, torch.bfloat16 if bf16 else torch.float32)
+    if world > 1:  # buffers (PCA basis, rotary) never change: no per-forward broadcast
+        return DDP(gap, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    return gap
+
+
+def optimizer_for(gap, lr, head_lr, weight_decay=0.01):
+    """AdamW with decay on matrices only, and the head (and VaLR's projectors) on its own learning rate."""
+    groups = {"decay": [], "no_decay": [], "head": []}
+    for name, p in gap.named_parameters():
+        if p.requires_grad:
+            groups["head" if name.startswith(("head.", "align.")) else ("decay" if p.ndim >= 2 else "no_decay")].append(p)
+    return torch.optim.AdamW([
+        dict(params=groups["decay"], lr=lr, weight_decay=weight_decay),
+        dict(params=groups["no_decay"], lr=lr, weight_decay=0.0),
+        dict(params=groups["head"], lr=head_lr, weight_decay=weight_decay)])
+
+
+def lr_factor(step, total, warmup_ratio):
+    """Linear warmup over warmup_ratio of the steps, then cosine decay to 0."""
+    warmup = max(1, math.ceil(warmup_ratio * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
