@@ -11,6 +11,12 @@ same length mix, for each attention backend that is available.
 
 --mode loader: train.main itself with 0 and with --workers DataLoader workers (step time, waiting for data included).
 --mode validate: the check train.py runs before step 1 (image tokens from the image's size) against example().
+--mode shard: the per-rank bytes of the FSDP2 layout (step.fsdp_units) at the shape's widths, with the embeddings,
+final norm and LM head as their own units against in the root (as before): sharded fp32 parameters, gradients and
+AdamW states, and what stays gathered (bf16) from forward to backward. Counted from the layout on the meta device
+(no weights are allocated); under torchrun the counts are checked against the shards FSDP2 itself makes.
+
+    torchrun --nproc_per_node 2 bench_train.py --mode shard --shapes 7b      # also 4 (gloo on a CPU)
 
 Training shapes (tiny.shape_config): `7b` are Qwen2.5-VL-7B's (hidden 3584, intermediate 18944, 28 heads / 4 KV
 heads, vocab 152064; vision tower 32 blocks of 1280) with --layers decoder layers (as many as fit). Synthetic
@@ -45,8 +51,9 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # 
 class BenchConfig(tiny.BenchFlags):
     """Benchmark the training step (padded vs packed, per attention backend), data loading, or the check."""
     mode: str = field(default="train", metadata={"help": "train: the training step; loader: train.py with 0 vs N "
-                                                         "DataLoader workers; validate: the check before training",
-                                                 "choices": ["train", "loader", "validate"]})
+                                                         "DataLoader workers; validate: the check before training; "
+                                                         "shard: per-rank bytes of the FSDP2 layout",
+                                                 "choices": ["train", "loader", "validate", "shard"]})
     examples: int = field(default=16, metadata={"help": "examples per optimizer step (per rank)"})
     micro_batch: int = field(default=4, metadata={"help": "examples per padded forward"})
     pack_len: int = field(default=0, metadata={"help": "tokens per packed row (0: the longest example, rounded up)"})
@@ -287,8 +294,79 @@ def bench_validate(cfg: BenchConfig):
     return rates
 
 
+def shard_bytes(units, world, rank, compute_bytes=2):
+    """Per-rank bytes of an FSDP2 layout (step.fsdp_units): each parameter is cut along dim 0 into `world` chunks of
+    ceil(rows / world) rows (FSDP2's layout); trainable ones carry an fp32 gradient and two fp32 AdamW states. A unit
+    that is not resharded after forward stays gathered (in its compute dtype) from its forward to its backward."""
+    seen, out = set(), dict(params=0, grads=0, adam=0, held=0, largest_gather=0)
+    for name, modules, reshard, fp32 in units:  # inner first: a parameter belongs to the innermost unit
+        params = [p for m in modules for p in m.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        local = 0
+        for p in params:
+            rows = p.shape[0] if p.dim() else 1
+            chunk = -(-rows // world)
+            mine = max(0, min(chunk, rows - rank * chunk)) * (p.numel() // max(rows, 1))
+            local += mine
+            out["params"] += 4 * mine
+            if p.requires_grad:
+                out["grads"] += 4 * mine
+                out["adam"] += 8 * mine
+        full = sum(p.numel() for p in params) * (4 if fp32 else compute_bytes)
+        out["held" if not reshard else "largest_gather"] = (out["held"] + full if not reshard
+                                                            else max(out["largest_gather"], full))
+    return out
+
+
+def bench_shard(cfg: BenchConfig):
+    """Per-rank bytes of the FSDP2 layout, before and after (module docstring, --mode shard)."""
+    import torch.distributed as dist
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from common import setup_distributed
+    from latent_head import LatentHead
+    from model import GAP, add_latent_tokens
+    from step import fsdp_units, shard
+    rank, world, device = setup_distributed()
+    tokenizer = tiny.build_tokenizer(tiny.corpus_texts())
+    config = tiny.shape_config(cfg.shapes, tokenizer, "sdpa", cfg.layers, cfg.vision_depth)
+    d, k = config.text_config.hidden_size, min(config.text_config.hidden_size, 629)
+
+    def model():
+        with torch.device("meta"):
+            backbone = Qwen2_5_VLForConditionalGeneration(config)
+        ids = add_latent_tokens(backbone, tokenizer)
+        backbone.model.visual.requires_grad_(False)  # frozen, as train.py's default
+        head = LatentHead("pca", d, basis=dict(P=torch.linalg.qr(torch.randn(d, k))[0], mu=torch.zeros(d),
+                                               eigenvalues=torch.ones(k)))
+        return GAP(backbone, head, ids, cfg.latent_tokens)
+
+    rows = {}
+    for layout, separate in (("before: ends in the root", False), ("after: ends as units", True)):
+        gap = model()
+        rows[layout] = shard_bytes(fsdp_units(gap, separate), world, rank)
+        if world > 1:  # the counts against the shards FSDP2 makes of the same model
+            shard(gap, device, world, torch.bfloat16, separate)
+            local = sum(4 * p.to_local().numel() for p in gap.parameters())
+            if local != rows[layout]["params"]:
+                raise RuntimeError(f"rank {rank}: FSDP2 holds {local} parameter bytes, the count says "
+                                   f"{rows[layout]['params']}")
+    if rank == 0:
+        t = config.text_config
+        print(f"shapes={cfg.shapes}: d={t.hidden_size} layers={t.num_hidden_layers} vocab={t.vocab_size} vision "
+              f"depth={config.vision_config.depth}, {world} rank(s); GiB per rank (rank 0)"
+              + ("; counts checked against FSDP2's own shards" if world > 1 else ""))
+        print(f"{'layout':<26}{'params':>9}{'grads':>9}{'AdamW':>9}{'held bf16':>11}{'largest gather':>16}{'total':>9}")
+        for layout, r in rows.items():
+            g = {k: v / 2 ** 30 for k, v in r.items()}
+            print(f"{layout:<26}{g['params']:>9.2f}{g['grads']:>9.2f}{g['adam']:>9.2f}{g['held']:>11.2f}"
+                  f"{g['largest_gather']:>16.2f}{g['params'] + g['grads'] + g['adam'] + g['held']:>9.2f}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return rows
+
+
 def main(cfg: BenchConfig):
-    return dict(train=bench_train, loader=bench_loader, validate=bench_validate)[cfg.mode](cfg)
+    return dict(train=bench_train, loader=bench_loader, validate=bench_validate, shard=bench_shard)[cfg.mode](cfg)
 
 
 if __name__ == "__main__":

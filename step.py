@@ -74,21 +74,36 @@ def to_device(batch, device):
 # ----------------------------------------------------------------------------------------------------------
 # what the step runs on
 
-def shard(gap, device, world, param_dtype=torch.float32):
-    """FSDP2 (ShardingStrategy FULL_SHARD semantics): each decoder block, the vision tower as one unit, the
-    latent head (kept fp32: its outputs are fed back as inputs), then the root. Parameters are gathered in
-    param_dtype (bf16 with --precision bf16) and gradients reduced in fp32; the sharded fp32 parameters are the
+def fsdp_units(gap, separate_ends=True):
+    """The FSDP2 units of `gap`, inner first, as torchtitan draws them: [(name, modules, reshard_after_forward,
+    fp32)]. Each decoder block, the vision tower, the token embeddings, the final norm with the LM head, the latent
+    head (kept fp32: its outputs are fed back as inputs), then the root (what is left). reshard_after_forward:
+    a unit's gathered parameters are freed after its forward and gathered again for its backward, except where
+    backward follows at once -- the final norm + LM head run last in forward and first in backward, and the root
+    is gathered for the whole step anyway. separate_ends=False leaves the embeddings, final norm and LM head in
+    the root (unsharded for the whole step: at 7B 1.09B parameters; bench_train.py --mode shard compares)."""
+    lm, backbone = gap.backbone.model.language_model, gap.backbone
+    units = [(f"block{i}", [block], True, False) for i, block in enumerate(lm.layers)]
+    units.append(("vision", [backbone.model.visual], True, False))
+    tied = backbone.lm_head.weight is lm.embed_tokens.weight
+    if separate_ends and not tied:  # tied weights are one parameter: they stay in the root
+        units += [("embed", [lm.embed_tokens], True, False), ("norm+lm_head", [lm.norm, backbone.lm_head], False, False)]
+    units += [("latent_head", [gap.head], True, True), ("root", [gap], False, False)]
+    return units
+
+
+def shard(gap, device, world, param_dtype=torch.float32, separate_ends=True):
+    """FSDP2 (FULL_SHARD semantics) over fsdp_units(gap). Parameters are gathered in param_dtype (bf16 with
+    --precision bf16; the latent head fp32) and gradients reduced in fp32; the sharded fp32 parameters are the
     optimizer's master weights. Returns gap, now an FSDPModule."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.type, (world,))
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in gap.backbone.model.language_model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(gap.backbone.model.visual, mesh=mesh, mp_policy=mp)
-    fully_shard(gap.head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32,
-                                                                    reduce_dtype=torch.float32))
-    return fully_shard(gap, mesh=mesh, mp_policy=mp)
+    for name, modules, reshard, fp32 in fsdp_units(gap, separate_ends):
+        mp = MixedPrecisionPolicy(param_dtype=torch.float32 if fp32 else param_dtype, reduce_dtype=torch.float32)
+        fully_shard(modules if len(modules) > 1 else modules[0], mesh=mesh, mp_policy=mp,
+                    reshard_after_forward=reshard)
+    return gap
 
 
 def wrap(gap, device, world, fsdp=False, bf16=False):
