@@ -5,6 +5,10 @@ load a checkpoint written by train.py and answer with latent reasoning through t
     python infer.py --ckpt out/gap --data test.jsonl --latent_mode noise     # batch mode: accuracy vs `answer`
     torchrun --nproc_per_node 8 infer.py --ckpt out/gap --data test.jsonl --batch_size 1   # sharded, table 9
 
+The query image's pixel budget and the longest prompt are the checkpoint's (as trained) unless --image_min_pixels,
+--image_max_pixels or --max_len say otherwise (the baseline's resolution: README "Reproducing the paper"); a prompt
+over max_len is refused, naming the budget that fits, never cut. harness.py's adapters take the same settings.
+
 Batch mode: the examples are cut into fixed chunks of --batch_size and rank r of a torchrun run takes chunks
 r, r + world, ... Each example samples (temperature > 0, noise latents) from its own generator, seeded from
 (--seed, its id), so its result depends neither on the examples decoded beside it nor on the schedule, the
