@@ -7,6 +7,7 @@ Stdlib only: it runs, and its tests run, without torch.
 
 extract_answer(response): text of the last <answer> opening (up to </answer>, the next tag or the end), else
 the last \\boxed{}, else the last "the answer is X" / "Answer: X", else the last non-empty line after </think>.
+tagged_answer(response): the same inside an <answer> tag, "" without one (what harness.py gives the harnesses).
 answers_match(pred, truth, question): choice letters (also inside a sentence when the question lists
 options), yes/no by first word, numbers by value (number words, scientific notation, fractions, percent,
 units ignored; a decimal must round to the truth as written, as MathVista's scorer rounds), else the
@@ -86,6 +87,13 @@ def extract_answer(response: str) -> str:
         lines = [line for line in text.splitlines() if line.strip()]
         answer = lines[-1] if lines else ""
     return _strip_wrappers(answer)
+
+
+def tagged_answer(response: str) -> str:
+    """The answer inside the response's last <answer> tag (extract_answer's rules run inside it); "" when the
+    response has no <answer> tag (reasoning cut at max_new_tokens, say): what the evaluation harnesses get, so
+    that no lenient matcher scores a line of reasoning as the answer."""
+    return extract_answer(response) if _OPEN.search(response) else ""
 
 
 # ----------------------------------------------------------------------------------------------------

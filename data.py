@@ -102,10 +102,19 @@ def open_image(row, key):
     """A row's image as Qwen2.5-VL's preprocessing sees it (to_rgb); DataError naming the row if it cannot be read."""
     path = resolve(row, key)
     try:
+        return read_image(path)
+    except ValueError as e:
+        raise DataError(row["_file"], row["_line"], key, str(e)) from None
+
+
+def read_image(path):
+    """An image file as Qwen2.5-VL's preprocessing sees it (to_rgb); ValueError naming the file if it cannot be read.
+    The one way images are read: JSONL rows (open_image) and the evaluation harnesses' files (harness.py)."""
+    try:
         with Image.open(path) as im:
             return to_rgb(im)
     except Exception as e:  # PIL raises several types for corrupt files
-        raise DataError(row["_file"], row["_line"], key, f"cannot read image {path}: {e}") from None
+        raise ValueError(f"cannot read image {path}: {e}") from None
 
 
 def to_rgb(im):

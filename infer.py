@@ -5,6 +5,10 @@ load a checkpoint written by train.py and answer with latent reasoning through t
     python infer.py --ckpt out/gap --data test.jsonl --latent_mode noise     # batch mode: accuracy vs `answer`
     torchrun --nproc_per_node 8 infer.py --ckpt out/gap --data test.jsonl --batch_size 1   # sharded, table 9
 
+The query image's pixel budget and the longest prompt are the checkpoint's (as trained) unless --image_min_pixels,
+--image_max_pixels or --max_len say otherwise (the baseline's resolution: README "Reproducing the paper"); a prompt
+over max_len is refused, naming the budget that fits, never cut. harness.py's adapters take the same settings.
+
 Batch mode: the examples are cut into fixed chunks of --batch_size and rank r of a torchrun run takes chunks
 r, r + world, ... Each example samples (temperature > 0, noise latents) from its own generator, seeded from
 (--seed, its id), so its result depends neither on the examples decoded beside it nor on the schedule, the
@@ -39,7 +43,8 @@ import sharded
 from answers import answers_match, extract_answer
 from checkpoint import checkpoint_stamp, load_checkpoint
 from common import DataError, atomic_write_text, chunk_seed, file_hash, parse_config, run_main, setup_distributed
-from data import DataSpec, collate, encode_prompt, encode_row, query_tokens, read_jsonl
+from data import (DataSpec, collate, encode_prompt, encode_row, n_image_tokens, prompt_text, query_tokens, read_jsonl,
+                  too_long)
 from latent_loop import Sampling
 from stats import percentile
 
@@ -72,6 +77,18 @@ class InferConfig:
     seed: int = field(default=0, metadata={"help": "sampling seed (noise latents, temperature > 0); batch mode: "
                                                     "each example's generator is (seed, its id)"})
     skip_bad: bool = field(default=False, metadata={"help": "batch mode: skip and count bad examples"})
+    image_min_pixels: int = field(default=0, metadata={"help": "query-image min pixels (0: the checkpoint's, as "
+                                                                "trained); evaluation settings in README",
+                                                        "range": (0, None)})
+    image_max_pixels: int = field(default=0, metadata={"help": "query-image max pixels (0: the checkpoint's, as "
+                                                                "trained)", "range": (0, None)})
+    max_len: int = field(default=0, metadata={"help": "longest prompt in tokens (0: the checkpoint's training "
+                                                       "max_len); a longer one is refused, naming the pixel budget "
+                                                       "that fits", "range": (0, None)})
+
+
+# the settings an evaluation may set over the checkpoint's own (0: the checkpoint's)
+EVAL_KEYS = ("image_min_pixels", "image_max_pixels", "max_len")
 
 
 class Runner:
@@ -80,7 +97,15 @@ class Runner:
     def __init__(self, cfg: InferConfig, device=None):
         self.cfg = cfg
         self.gap, self.tokenizer, self.image_processor, config = load_checkpoint(cfg.ckpt, device)
-        self.spec = DataSpec(**{f.name: config[f.name] for f in dataclasses.fields(DataSpec) if f.name in config})
+        spec = DataSpec(**{f.name: config[f.name] for f in dataclasses.fields(DataSpec) if f.name in config})
+        # the pixel budget and the length limit are the checkpoint's (as trained) unless the config sets them
+        self.spec = dataclasses.replace(spec, **{k: getattr(cfg, k) for k in EVAL_KEYS if getattr(cfg, k)})
+        size = self.image_processor.size
+        # (min, max) pixels a query image is resized to fit, as the processor applies them
+        self.pixels = (self.spec.image_min_pixels or size["shortest_edge"],
+                       self.spec.image_max_pixels or size["longest_edge"])
+        if self.pixels[0] > self.pixels[1]:
+            raise DataError(f"image_min_pixels {self.pixels[0]} > image_max_pixels {self.pixels[1]} ({cfg.ckpt})")
         self.generator = torch.Generator(self.gap.backbone.device).manual_seed(cfg.seed)
         self.sampling = Sampling.of(cfg, stop_ids=[self.tokenizer.convert_tokens_to_ids(t)
                                                    for t in ("<|im_end|>", "<|endoftext|>")])
@@ -125,13 +150,41 @@ class Runner:
             yield finished(i, before)
 
     def encode(self, image, question, id="0"):
-        return encode_prompt(self.tokenizer, self.image_processor, image, question, self.spec, id)
+        """One prompt (an RGB image, data.to_rgb, and the question) as a collate()-able item; a DataError when the
+        image processor refuses the image or the prompt is over max_len."""
+        try:
+            item = encode_prompt(self.tokenizer, self.image_processor, image, question, self.spec, id)
+        except ValueError as e:  # the processor's refusals (an aspect ratio over 200:1)
+            raise DataError(f"{e} ({image.width}x{image.height} image)") from None
+        if msg := self.too_long(len(item["input_ids"]), n_image_tokens(item["image_grid_thw"])):
+            raise DataError(msg)
+        return item
+
+    def encode_row(self, row):
+        """A JSONL row's prompt (data.encode_row); over max_len, a DataError naming the row."""
+        item = encode_row(self.tokenizer, self.image_processor, row, self.spec)
+        if msg := self.too_long(len(item["input_ids"]), n_image_tokens(item["image_grid_thw"])):
+            raise DataError(row["_file"], row["_line"], "image", msg)
+        return item
+
+    def check_row(self, row):
+        """What encode_row() refuses, from the image's size alone (the check of every row before a batch run)."""
+        n_image = query_tokens(row, self.image_processor, self.spec)
+        n = len(self.tokenizer(prompt_text(row["question"], n_image), add_special_tokens=False)["input_ids"])
+        if msg := self.too_long(n, n_image):
+            raise DataError(row["_file"], row["_line"], "image", msg)
+
+    def too_long(self, n, n_image):
+        """None, or the message for a prompt of n tokens (n_image of them the image's) over max_len: a prompt longer
+        than training saw is a choice (raise max_len, or lower image_max_pixels to the budget named), never a
+        silent truncation."""
+        return too_long(n, n_image, self.spec, self.image_processor) if n > self.spec.max_len else None
 
 
 # the flags that change results: a resumed run must use the same ones (and the same checkpoint contents);
 # --batch_size and --schedule change only float rounding, and what latency_s means
 RESULT_KEYS = ("ckpt", "data", "latent_mode", "norm_calib", "ema_beta", "max_new_tokens", "temperature", "top_p",
-               "batch_size", "schedule", "seed")
+               "batch_size", "schedule", "seed", "image_min_pixels", "image_max_pixels", "max_len")
 
 
 def example_generators(cfg: InferConfig, rows, device):
@@ -156,7 +209,7 @@ class Answers(sharded.Producer):
         self.runner = runner
 
     def encode(self, row):
-        return encode_row(self.runner.tokenizer, self.runner.image_processor, row, self.runner.spec)
+        return self.runner.encode_row(row)
 
     def generators(self, rows):
         return example_generators(self.runner.cfg, rows, self.runner.gap.backbone.device)
@@ -180,16 +233,16 @@ def run_batch(cfg: InferConfig, runner: Runner):
     # what the results depend on: the flags, the checkpoint's contents and the data's (an edited file is not resumed)
     run_config = dict({k: getattr(cfg, k) for k in RESULT_KEYS}, ckpt_stamp=checkpoint_stamp(cfg.ckpt),
                       data_sha256=file_hash(cfg.data))
-    results = sharded.run(rows, out, run_config, lambda r: query_tokens(r, runner.image_processor, runner.spec),
-                          lambda: Answers(runner), cfg.batch_size, cfg.schedule, cfg.skip_bad, what="answering",
-                          desc=f"infer[{cfg.latent_mode}]")
+    results = sharded.run(rows, out, run_config, runner.check_row, lambda: Answers(runner), cfg.batch_size,
+                          cfg.schedule, cfg.skip_bad, what="answering", desc=f"infer[{cfg.latent_mode}]")
     if results is None:
         return None
     scored = [r for r in results if r["correct"] is not None]
     acc = sum(r["correct"] for r in scored) / max(len(scored), 1)
     latency = [r["latency_s"] for r in results]
     summary = dict(ckpt=cfg.ckpt, data=cfg.data, out=out, latent_mode=cfg.latent_mode, norm_calib=cfg.norm_calib,
-                   ema_beta=cfg.ema_beta,
+                   ema_beta=cfg.ema_beta, image_min_pixels=runner.pixels[0], image_max_pixels=runner.pixels[1],
+                   max_len=runner.spec.max_len,
                    n=len(scored), accuracy=acc, stderr=(acc * (1 - acc) / max(len(scored), 1)) ** 0.5,
                    skipped=bad_lines + len(rows) - len(results), batch_size=cfg.batch_size, schedule=cfg.schedule,
                    ranks=dist.get_world_size() if dist.is_initialized() else 1,
@@ -214,7 +267,7 @@ def main(cfg: InferConfig):
                 dist.destroy_process_group()
     runner = Runner(cfg)
     row = dict(id="0", image=os.path.abspath(cfg.image), question=cfg.question, _file="<command line>", _line=0)
-    response = runner.answer([encode_row(runner.tokenizer, runner.image_processor, row, runner.spec)])[0]
+    response = runner.answer([runner.encode_row(row)])[0]
     print(response)
     print(f"answer: {extract_answer(response)}")
 

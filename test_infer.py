@@ -1,6 +1,6 @@
 """Tests of infer.py's batch mode on a tiny random GAP checkpoint (no download): the continuous schedule against
-the static one, two torchrun ranks against one process, a real kill and resume, flags a resume must keep, and the
-latency summary. (Single-image mode and the
+the static one, two torchrun ranks against one process, a real kill and resume, flags a resume must keep, the
+latency summary, and the evaluation settings (pixel budget, max_len) over the checkpoint's. (Single-image mode and the
 train -> infer round trip: test_gap.py; the harness adapters: test_harness.py.)
 
     python -m pytest -q test_infer.py
@@ -192,3 +192,29 @@ def test_bad_image_is_an_error_or_skipped_once_and_counted(ckpt, world, tmp_path
         assert [r["id"] for r in read_lines(tmp_path / "r.jsonl")] == [json.loads(x)["id"] for i, x in
                                                                      enumerate(lines) if i != 3]
     assert "12 examples, 12 already done" in capsys.readouterr().out  # the re-run tried nothing again
+
+
+def test_pixel_budget_reaches_the_processor_and_the_summary(ckpt, world, tmp_path):
+    """--image_max_pixels over the checkpoint's budget: the processor gets it (the vision tokens of a 112x56 image:
+    84x28 after Qwen2.5-VL's resize rule, 3 tokens, against 8 at the checkpoint's own), the summary records the
+    budget and max_len in force, and a --max_len that the prompts exceed stops the run before it starts, naming the
+    budget that fits."""
+    import dataclasses
+    from PIL import Image
+    from common import DataError
+    from data import read_jsonl
+    from infer import InferConfig, Runner, main
+    cfg = InferConfig(ckpt=ckpt, data=world["data"], out=str(tmp_path / "results.jsonl"), max_new_tokens=1,
+                      image_max_pixels=84 * 56)
+    summary = main(cfg)
+    assert (summary["image_min_pixels"], summary["image_max_pixels"], summary["max_len"]) == (3136, 84 * 56, 8192)
+    wide = Image.new("RGB", (112, 56), "white")
+    tokens = lambda c: int(Runner(c, "cpu").encode(wide, "Which?")["image_grid_thw"].prod()) // 4  # noqa: E731
+    assert tokens(cfg) == 3 and tokens(InferConfig(ckpt=ckpt)) == 8
+    rows, _ = read_jsonl(world["data"])
+    n = len(Runner(cfg, "cpu").encode_row(rows[0])["input_ids"])  # an 84x56 image: 6 of them the image's
+    short = dataclasses.replace(cfg, out=str(tmp_path / "short.jsonl"), max_len=n - 1)
+    with pytest.raises(DataError, match=rf"examples are bad \(image: \d+\).*train.jsonl:1: field 'image': sequence "
+                                        rf"of {n} tokens exceeds max_len={n - 1} \(6 of them for the query image\): "
+                                        rf"pass --image_max_pixels 3920 or less, or raise --max_len"):
+        main(short)
