@@ -325,13 +325,13 @@ MERGE_KILL = """
 import os, signal, sys
 import common, difficulty, sharded
 real = sharded.atomic_write_text
-def torn(path, text):  # the merge's write of OUT is cut by a kill halfway
+def torn(path, text, **kw):  # the merge's write of OUT is cut by a kill halfway
     if path.endswith("s.jsonl"):
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(text[:len(text) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
-    real(path, text)
+    real(path, text, **kw)
 sharded.atomic_write_text = torn  # the merge (sharded.run) writes OUT
 common.run_main(difficulty.main, common.parse_config(difficulty.DifficultyConfig, sys.argv[1:]))
 """
