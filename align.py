@@ -31,9 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import BadExamples, DataError, atomic_write_text, file_hash, fsync_dir, parse_config
+from common import (BadExamples, DataError, atomic_write_text, check_files, fsync_dir, parse_config, read_json,
+                    reading, short, user_dir, user_file)
 import latent_loop
-from data import PLACEHOLDER, open_image, read_jsonl, resolve
+from data import PLACEHOLDER, image_bytes, open_image, read_jsonl
 from losses import gap_losses
 from model import GAP
 from targets import TargetCache
@@ -45,8 +46,13 @@ from targets import TargetCache
 def load_encoder(path, device="cpu"):
     """A stock transformers vision model and its image processor from a local directory, frozen, in eval mode."""
     from transformers import AutoImageProcessor, AutoModel
-    model = AutoModel.from_pretrained(path).to(device).eval().requires_grad_(False)
-    return model, AutoImageProcessor.from_pretrained(path)
+    user_dir(path, "encoder directory")
+    check_files(path)  # a truncated config or weights file named before a loader meets it
+    try:
+        model = AutoModel.from_pretrained(path).to(device).eval().requires_grad_(False)
+        return model, AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise DataError(f"{path}: cannot load the encoder: {short(e)}") from None
 
 
 @torch.no_grad()
@@ -69,6 +75,11 @@ def provenance(encoder_dir, encoder, latent_tokens):
                 latent_tokens=latent_tokens, pooling="adaptive_avg", width=encoder.config.hidden_size)
 
 
+def image_hash(row):
+    """Content hash of a row's query image (its features are valid for these bytes only); DataError naming the row."""
+    return hashlib.sha256(image_bytes(row, "image")).hexdigest()[:16]
+
+
 def encoder_name(encoder_dir):
     return os.path.basename(os.path.normpath(encoder_dir))
 
@@ -82,8 +93,7 @@ def open_caches(cache_dir, encoder_dirs, latent_tokens):
         path = os.path.join(cache_dir, name, "encoder.json")
         if not os.path.exists(path):
             raise DataError(f"{path}: no feature cache of encoder {enc}; run align.py to write it")
-        with open(path) as f:
-            meta = json.load(f)
+        meta = read_json(path, "feature cache's encoder.json", "; delete its directory and run align.py again")
         if meta["encoder"] != os.path.abspath(enc) or meta["latent_tokens"] != latent_tokens:
             raise DataError(f"{path}: written for {meta['encoder']} K={meta['latent_tokens']}, not for "
                              f"{os.path.abspath(enc)} K={latent_tokens}")
@@ -124,7 +134,7 @@ def extract_features(cfg: FeaturesConfig):
         for r in rows:  # features are stored under "{id}/{content hash of the query image}": an edited one is redone
             if PLACEHOLDER in r["response"]:
                 with bad.guard():
-                    h = file_hash(resolve(r, "image"))
+                    h = image_hash(r)
                     if not cache.has(r["id"], h):
                         todo.append((r, h))
         for i in range(0, len(todo), cfg.batch_size):
@@ -170,7 +180,7 @@ class AlignedDataset(torch.utils.data.Dataset):
         item["align_targets"] = None
         if n_spans:
             try:
-                h = file_hash(resolve(row, "image"))
+                h = image_hash(row)
                 feats = torch.cat([cache.get(row["id"], h) for cache, _ in self.caches.values()], dim=1)  # (K, sum C)
             except KeyError as e:
                 err = DataError(row["_file"], row["_line"], "image", str(e))
@@ -235,13 +245,15 @@ def build(cfg, gap, dataset, feed):
                           cfg.align_text)
         path = os.path.join(cfg.model, "align.safetensors")
         if cfg.stage == 2 and os.path.exists(path):
-            aligner.load_state_dict(load_file(path))
+            with reading(user_file(path, "projector file"), "projector file for these flags"):
+                aligner.load_state_dict(load_file(path))
         dataset = AlignedDataset(dataset, caches)
     if cfg.stage == 1:  # only the projectors and the latent head learn (README "VaLR")
         gap.backbone.requires_grad_(False)
     head_path = os.path.join(cfg.model, "latent_head.safetensors")
     if cfg.stage == 2 and os.path.exists(head_path):  # stage 2 goes on from stage 1's head
-        gap.head.load_state_dict(load_file(head_path))
+        with reading(user_file(head_path, "latent head"), "latent head for these flags"):
+            gap.head.load_state_dict(load_file(head_path))
     # self-feeding is exact after as many passes as an example has latent slots; the same number on every rank
     # (FSDP gathers the parameters in every pass), from the data set all ranks hold, so no collective is needed
     spans = max([r["response"].count(PLACEHOLDER) for r in dataset.rows if dataset.keeps_latent(r)] or [0])

@@ -1,13 +1,17 @@
 """Plumbing shared by the entry points (train.py, infer.py, difficulty.py, targets.py, toy.py, the benchmarks): the
 CLI built from a @dataclass, atomic writes, the device and process-group setup, bad-input errors and the
-skip-and-count policy, failing every rank together. No GAP logic lives here (the sharded evaluation skeleton is
-sharded.py).
+skip-and-count policy, failing every rank together, and the files a user hands in: read through user_file /
+read_json / reading(), so a missing, empty, truncated or foreign one is one line naming it, and written through
+writing(), so a full disk is one line saying what is intact. No GAP logic lives here (the sharded evaluation
+skeleton is sharded.py).
 """
 import argparse
 import contextlib
+import errno
 import itertools
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -70,15 +74,22 @@ SQUARE = (perfect_square, "must be a perfect square >= 0 (K latents fill a sqrt(
 # ----------------------------------------------------------------------------------------------------------
 # files that are whole or absent
 
-def atomic_write_text(path, text):
-    """Write a file so that a crash leaves either the old or the new content, never half of one."""
+def atomic_write_text(path, text, kept=None):
+    """Write a file so that a crash leaves either the old or the new content, never half of one. A full disk ends
+    the run with one line (writing()) saying that `path` is as it was, or `kept` when the caller knows more."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path, kept or f"{path} is as it was", cleanup=lambda: remove_file(tmp)):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     fsync_dir(path)
+
+
+def remove_file(path):
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
 def fsync_dir(path):
@@ -198,8 +209,9 @@ def run_main(main, cfg):
 
 class DataError(ValueError):
     """Bad input, with the file, line and field it came from: DataError(file, line, field, msg), or an
-    already formatted DataError(message) (a bad flag or file, or an example's error rebuilt after crossing a
-    process boundary). `example`: whether it is one example's fault (which --skip_bad may skip)."""
+    already formatted DataError(message) (a bad flag or file, a write the disk had no room for, or an example's
+    error rebuilt after crossing a process boundary). `example`: whether it is one example's fault (which
+    --skip_bad may skip)."""
 
     def __init__(self, file, line=None, field=None, msg=None, example=None):
         super().__init__(file if line is None else f"{file}:{line}: field '{field}': {msg}")
@@ -227,6 +239,155 @@ class BadExamples:
             raise DataError(message, example=True)
         self.count += 1
         print(f"skipping bad example: {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the files a user hands in, and writes that fail for want of room: one line naming the file, never a traceback
+
+def user_file(path, what, hint=""):
+    """`path` when it is a file that can be read and holds something; else a DataError naming it: not found, a
+    directory, empty or unreadable. `what` says what it should be ("data file"); `hint`, what to do about it.
+    (Run as root, a file without read permission is read all the same: there is nothing to refuse.)"""
+    if os.path.isdir(path):
+        problem = f"a directory, not a {what}"
+    elif not os.path.exists(path):
+        problem = f"{what} not found"
+    else:
+        try:
+            with open(path, "rb") as f:
+                problem = None if f.read(1) else f"empty {what}"
+        except OSError as e:
+            problem = f"cannot read this {what}: {e.strerror}"
+    if problem:
+        raise DataError(f"{path}: {problem}{hint}")
+    return path
+
+
+def user_dir(path, what, hint=""):
+    """`path` when it is a directory that can be listed; else a DataError naming it."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: {what} not found{hint}")
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: a file, not a {what}{hint}")
+    try:
+        os.listdir(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read this {what}: {e.strerror}{hint}") from None
+    return path
+
+
+def short(e):
+    """An exception in a few words: its first line (the type's name when it has no text); for a
+    torch.distributed.checkpoint CheckpointException, its first rank's."""
+    failures = getattr(e, "failures", None)
+    if failures and isinstance(next(iter(failures.values())), tuple):
+        e = next(iter(failures.values()))[0]
+    text = (str(e).strip().splitlines() or [""])[0]
+    if len(text) > 120 and ". " in text:  # torch's long explanations: their first sentence says what happened
+        text = text[:text.index(". ")]
+    return text[:200] or type(e).__name__
+
+
+@contextlib.contextmanager
+def reading(path, what, hint=""):
+    """Read a user's file inside this block: whatever fails (a truncated file, a file of another kind, a key it
+    lacks) becomes one DataError naming it. Keep the block to the reading alone: a bug there would read as a bad
+    file."""
+    try:
+        yield
+    except (DataError, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is not an Exception
+        raise DataError(f"{path}: not a readable {what} (damaged, truncated or of another kind: {short(e)}){hint}") \
+            from None
+
+
+def read_json(path, what, hint=""):
+    """The JSON object in a user's file (user_file's checks, then a parse), or a DataError naming it."""
+    with reading(user_file(path, what, hint), what, hint):
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: not a {what} (a JSON {type(value).__name__}, not an object){hint}")
+    return value
+
+
+def check_files(directory, hint=""):
+    """Every *.json and *.safetensors file in a model or checkpoint directory whole: a JSON that parses, a
+    safetensors file whose header covers it (a truncated one fails here, in milliseconds, not deep inside a
+    loader with no file named)."""
+    from safetensors import safe_open
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.endswith(".json"):
+            with reading(user_file(path, "JSON file", hint), "JSON file", hint), open(path, encoding="utf-8") as f:
+                json.load(f)
+        elif name.endswith(".safetensors"):
+            with reading(user_file(path, "safetensors file", hint), "safetensors file", hint):
+                with safe_open(path, "pt"):
+                    pass
+
+
+# what a write that ran out of room leaves, whoever made it: Python (an OSError), safetensors' Rust ("os error
+# 28"), torch.save's C++ stream writer (a short write, no errno: "unexpected pos ...", after "iostream error")
+NO_ROOM = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+           errno.EFBIG: "file too large for this process's file-size limit (ulimit -f)"}
+NO_ROOM_TEXT = {"No space left": NO_ROOM[errno.ENOSPC], "os error 28": NO_ROOM[errno.ENOSPC],
+                "Disk quota": NO_ROOM[errno.EDQUOT], "File too large": NO_ROOM[errno.EFBIG],
+                "unexpected pos": None, "file write failed": None}
+
+
+def write_failure(e, path):
+    """Why a write of `path` ran out of room (a full disk, a quota, a file-size limit), from an exception, its
+    causes and a torch.distributed.checkpoint CheckpointException's per-rank failures; None when it is something
+    else."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in NO_ROOM:
+            return NO_ROOM[x.errno]
+        for text, reason in NO_ROOM_TEXT.items():
+            if text in str(x):
+                return reason or short_write(path)
+        failures = getattr(x, "failures", None)
+        todo += [x.__cause__, x.__context__] + [f[0] for f in (failures or {}).values() if isinstance(f, tuple)]
+    return None
+
+
+def short_write(path):
+    """A short write says no more than that: name the file-size limit when there is one, else the free space."""
+    import resource
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f"a short write, at this process's file-size limit of {limit} bytes (ulimit -f)"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free >> 20
+    return f"no space left on device (a short write; {free} MB free)" if free < 1 else \
+        f"a short write, with {free} MB free on its disk (a quota?)"
+
+
+@contextlib.contextmanager
+def writing(path, kept, cleanup=None):
+    """Write `path` inside this block. When the write runs out of room, `cleanup()` removes what was half
+    written and the run ends with one line naming `path`, why, and what is intact (`kept`); a nested writing()'s
+    line is replaced by this one's (its file was a part of `path`). Any other failure is a bug and stays a
+    traceback (after the cleanup)."""
+    try:
+        yield
+    except BaseException as e:
+        if cleanup is not None:
+            cleanup()
+        reason = getattr(e, "no_room", None) if isinstance(e, DataError) else write_failure(e, path)
+        if reason is None:
+            raise
+        error = DataError(f"{path}: cannot write it ({reason}); {kept}")
+        error.no_room = reason
+        raise error from None
 
 
 def file_hash(path):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from common import BadExamples, DataError
+from common import BadExamples, DataError, user_file
 from losses import IGNORE
 
 PLACEHOLDER = "<latent>"
@@ -39,15 +39,28 @@ OPTIONAL = {"aux_image": (str, list), "answer": (str, int, float), "accuracy": (
 def read_jsonl(path, skip_bad=False, need_response=True, need_answer=False):
     """Parse and check every line. Returns (rows, n_skipped); each row gets `_line` (1-based), `_file` and
     `_raw` (the line's own object, as written). A malformed line raises DataError naming file, line and
-    field, unless skip_bad (then it is counted)."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: data file not found")
-    rows, seen, bad = [], {}, BadExamples(skip_bad)
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
+    field, unless skip_bad (then it is counted). A file that is not JSONL text (a directory, an image), or that
+    leaves no example, is one DataError naming it."""
+    user_file(path, "data file")
+    rows, seen, bad, n_lines = [], {}, BadExamples(skip_bad), 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                if line_no == 1:  # not one bad line: the file is of another kind
+                    raise DataError(f"{path}: not a JSONL data file (line 1 is not UTF-8 text: an image, or another "
+                                    f"binary file?)") from None
+                line = None
+            if line is None or line.strip():
+                n_lines += 1
                 with bad.guard():
+                    if line is None:
+                        raise DataError(path, line_no, "<json>", "not UTF-8 text")
                     rows.append(check_row(path, line_no, line, seen, need_response, need_answer))
+    if not rows:
+        raise DataError(f"{path}: no examples: " + (f"all {n_lines} lines are bad (--skip_bad skipped them)" if n_lines
+                                                    else "the file holds only blank lines"))
     return rows, bad.count
 
 
@@ -91,11 +104,24 @@ def check_row(path, line_no, line, seen, need_response=True, need_answer=False):
 
 
 def resolve(row, key):
-    """Absolute path of an image field (paths are relative to the JSONL file); DataError if it is missing."""
+    """Absolute path of an image field (paths are relative to the JSONL file); DataError if it is missing or a
+    directory."""
     path = os.path.join(os.path.dirname(os.path.abspath(row["_file"])), row[key])
     if not os.path.exists(path):
         raise DataError(row["_file"], row["_line"], key, f"image file not found: {path}")
+    if os.path.isdir(path):
+        raise DataError(row["_file"], row["_line"], key, f"a directory, not an image file: {path}")
     return path
+
+
+def image_bytes(row, key):
+    """The bytes of an image field's file (for content hashes); DataError naming the row if it cannot be read."""
+    path = resolve(row, key)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(row["_file"], row["_line"], key, f"cannot read image {path}: {e.strerror}") from None
 
 
 def open_image(row, key):
@@ -153,18 +179,12 @@ def aux_images(row):
     return [open_image(r, key) for r, key in aux_fields(row)]
 
 
-def aux_paths(row):
-    """Absolute paths of the auxiliary image of each latent span of a row, in order."""
-    return [resolve(r, key) for r, key in aux_fields(row)]
-
-
 def aux_hash(row):
     """Content hash of a row's auxiliary images, one per span: its latent targets are valid only for these bytes
     (and this number of spans)."""
     h = hashlib.sha256()
-    for path in aux_paths(row):
-        with open(path, "rb") as f:
-            h.update(hashlib.sha256(f.read()).digest())
+    for r, key in aux_fields(row):
+        h.update(hashlib.sha256(image_bytes(r, key)).digest())
     return h.hexdigest()[:16]
 
 
@@ -262,8 +282,9 @@ class GAPDataset(torch.utils.data.Dataset):
     """Training examples: prompt + serialized response, labels, query-image pixels and latent targets."""
 
     def __init__(self, path, tokenizer, image_processor, latent_ids, spec: DataSpec, target_cache=None,
-                 skip_bad=False, return_errors=False):
-        self.rows, self.skipped = read_jsonl(path, skip_bad)
+                 skip_bad=False, return_errors=False, lines=None):
+        # lines: read_jsonl(path, skip_bad) when the caller has read it already (train.py reads it before the model)
+        self.rows, self.skipped = lines or read_jsonl(path, skip_bad)
         # True: a bad example comes back as {"id", "error"} instead of raising, so that a DataLoader worker
         # hands it to the training process, which stops with the one-line message or skips and counts it
         self.return_errors = return_errors

@@ -32,6 +32,7 @@ Answers are extracted and matched by answers.py, the same matcher infer.py evalu
 """
 import dataclasses
 import json
+import os
 from dataclasses import field
 
 import torch
@@ -39,7 +40,8 @@ import torch.distributed as dist
 
 import sharded
 from answers import answers_match, extract_answer
-from common import DataError, atomic_write_text, chunk_seed, file_hash, parse_config, run_main, setup_distributed
+from common import (DataError, atomic_write_text, check_files, chunk_seed, file_hash, parse_config, run_main,
+                    setup_distributed, short)
 from data import PLACEHOLDER, DataSpec, collate, encode_row, query_tokens, read_jsonl
 from latent_head import LatentHead
 from latent_loop import Sampling
@@ -172,10 +174,12 @@ def main(cfg: DifficultyConfig):
     rank, world, device = setup_distributed()
     rows, bad_lines = read_jsonl(cfg.data, cfg.skip_bad, need_response=False, need_answer=True)
     from transformers import Qwen2VLImageProcessorPil
+    if os.path.isdir(cfg.model):
+        check_files(cfg.model)  # a truncated config or weights file named now, not after the model is loaded
     try:  # the image processor alone checks every query image before the model is loaded
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(cfg.model)
-    except OSError as e:
-        raise DataError(f"--model {cfg.model}: cannot load: {str(e).strip().splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"--model {cfg.model}: cannot load: {short(e)}") from None
     spec = DataSpec(latent_tokens=0, image_min_pixels=cfg.image_min_pixels, image_max_pixels=cfg.image_max_pixels)
     # the results depend on the data's content too: an edited file must not resume the old file's answers
     run_config = dict({k: getattr(cfg, k) for k in SAMPLING_KEYS}, data_sha256=file_hash(cfg.data))

@@ -38,13 +38,15 @@ from dataclasses import field
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 import sharded
 from answers import answers_match, extract_answer
 from checkpoint import checkpoint_stamp, load_checkpoint
-from common import DataError, atomic_write_text, chunk_seed, file_hash, parse_config, run_main, setup_distributed
+from common import (DataError, atomic_write_text, chunk_seed, file_hash, parse_config, reading, run_main,
+                    setup_distributed, user_file)
 from data import (DataSpec, collate, encode_prompt, encode_row, n_image_tokens, prompt_text, query_tokens, read_jsonl,
-                  too_long)
+                  to_rgb, too_long)
 from latent_loop import Sampling
 from stats import percentile
 
@@ -265,6 +267,8 @@ def main(cfg: InferConfig):
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+    with reading(user_file(cfg.image, "query image"), "query image"), Image.open(cfg.image) as im:
+        to_rgb(im)  # decoded once before the checkpoint is loaded: a bad image is named in a second
     runner = Runner(cfg)
     row = dict(id="0", image=os.path.abspath(cfg.image), question=cfg.question, _file="<command line>", _line=0)
     response = runner.answer([runner.encode_row(row)])[0]

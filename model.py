@@ -17,7 +17,7 @@ import torch.nn as nn
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
 import latent_loop
-from common import DataError, attn_implementation, default_device, default_dtype
+from common import DataError, attn_implementation, check_files, default_device, default_dtype, short
 from latent_head import LatentHead
 from losses import gap_losses, lm_targets, total_loss
 
@@ -27,20 +27,33 @@ LATENT_START, LATENT_PAD, LATENT_END = "<|latent_start|>", "<|latent_pad|>", "<|
 # ----------------------------------------------------------------------------------------------------------
 # loading the stock model and adding the latent vocabulary
 
-def load_backbone(path, device=None, dtype=None, attn="auto"):
+def load_backbone(path, device=None, dtype=None, attn="auto", what="--model", hint=""):
     """Stock Qwen2.5-VL, its tokenizer and its (PIL) image processor from a local directory or a hub id.
-    attn: auto (FlashAttention-2 when it imports on a GPU, else SDPA) | sdpa | flash_attention_2 | eager."""
+    attn: auto (FlashAttention-2 when it imports on a GPU, else SDPA) | sdpa | flash_attention_2 | eager.
+    A directory that cannot be loaded (a file of it truncated or missing) is one DataError naming `what` and the
+    file, followed by `hint`."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-        raise DataError(f"--model {path}: no such directory (and not a hub id of the form org/name)")
+    if os.path.isdir(path):
+        check_files(path, hint)  # every JSON parses and every safetensors file is whole, before a loader sees them
+    elif os.path.exists(path):
+        raise DataError(f"{what} {path}: a file, not a model directory")
+    elif path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise DataError(f"{what} {path}: no such directory (and not a hub id of the form org/name)")
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation() if attn == "auto" else attn).to(device)
+        model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation() if attn == "auto" else attn,
+            output_loading_info=True)
+        model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-    except OSError as e:  # not a model directory, or a hub id that cannot be fetched
-        raise DataError(f"--model {path}: cannot load: {str(e).strip().splitlines()[0]}") from None
+    # not a model directory, a hub id that cannot be fetched, weights that do not fit the config, no memory for them
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise DataError(f"{what} {path}: cannot load: {short(e)}{hint}") from None
+    missing = sorted(info["missing_keys"])
+    if missing:  # transformers would start them from random values, with a warning: a damaged or foreign file
+        raise DataError(f"{what} {path}: its weights lack {len(missing)} of the model's tensors (first: {missing[0]}): "
+                        f"not this model's weights{hint}")
     return model, tokenizer, image_processor
 
 

@@ -18,6 +18,7 @@ Imports only torch / safetensors / stdlib, so it can be copied into another code
 import argparse
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,29 +239,38 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return Config(**vars(parser.parse_args(argv)))
 
 
+def fail(message: str):
+    """A bad input or a failed write: one line on stderr and exit code 2, no traceback."""
+    print(f"pca.py: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def scan(files: list[Path]) -> int:
     """Check every tensor header (no data read) and return d: a bad tensor fails in seconds, not after hours of
     accumulation, and ranks that get no file still know d for the all_reduce."""
     d = None
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                shape, dtype = f.get_slice(key).get_shape(), f.get_slice(key).get_dtype()
-                if len(shape) != 2 or dtype not in ("F64", "F32", "F16", "BF16") or shape[1] != (d or shape[1]):
-                    raise ValueError(f"{path} [{key}]: expected an (n, {d or 'd'}) float block of target vectors, "
-                                     f"got shape {tuple(shape)} {dtype}")
-                d = shape[1]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                blocks = [(key, f.get_slice(key).get_shape(), f.get_slice(key).get_dtype()) for key in f.keys()]
+        except Exception as e:  # a truncated file, a directory, a file of another kind
+            fail(f"{path}: not a readable safetensors file ({str(e).strip() or type(e).__name__})")
+        for key, shape, dtype in blocks:
+            if len(shape) != 2 or dtype not in ("F64", "F32", "F16", "BF16") or shape[1] != (d or shape[1]):
+                fail(f"{path} [{key}]: expected an (n, {d or 'd'}) float block of target vectors, got shape "
+                     f"{tuple(shape)} {dtype}")
+            d = shape[1]
     if d is None:
-        raise SystemExit("pca.py: the target files hold no tensors")
+        fail("the target files hold no tensors")
     return d
 
 
 def main(cfg: Config):
     if not cfg.targets:
-        raise SystemExit("pca.py: --targets DIR is required")
+        fail("--targets DIR is required")
     files = sorted(Path(cfg.targets).rglob("*.safetensors"))
     if not files:
-        raise SystemExit(f"pca.py: no *.safetensors files under {cfg.targets}")
+        fail(f"no *.safetensors files under {cfg.targets}")
     rank, world, device = 0, 1, cfg.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: each rank reads every world-th file
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -277,7 +287,12 @@ def main(cfg: Config):
     stats.all_reduce()
     if rank == 0:
         basis = fit(stats, cfg.var)
-        save(cfg.out, basis)
+        try:
+            save(cfg.out, basis)
+        except Exception as e:
+            if not any(t in str(e) for t in ("No space left", "Disk quota", "File too large")):
+                raise
+            fail(f"{cfg.out}: cannot write it ({str(e).strip()}); it is as it was: free space and run again")
         print(f"n={basis['n']} d={d} k={basis['k']} var={basis['var']} rel_mse={basis['rel_mse']:.6f} -> {cfg.out}")
     if world > 1:
         dist.destroy_process_group()

@@ -3,7 +3,10 @@ a JSONL checked first, cut into chunks of --batch_size that rank r of a torchrun
 decoded in static chunks or continuously, each finished result line appended to OUT-stem.rankR.jsonl (flushed
 and fsynced), and the parts merged by rank 0 into OUT in input order. A restart reads every part file, drops a
 line torn by a kill, skips the ids already there, and refuses parts made with other flags, data or checkpoint
-(OUT-stem.config.json). What an example produces is the entry point's (a Producer); everything else is here.
+(OUT-stem.config.json), or damaged anywhere but in their last line. A full disk ends the run with one line: the
+finished lines stay in the part files (a line cut by it is dropped on the next run, as a torn one) and OUT stays
+as it was, so the same command resumes. What an example produces is the entry point's (a Producer); everything
+else is here.
 
     results = run(rows, out, run_config, check, make_producer, batch_size=8, schedule="continuous")
 """
@@ -14,7 +17,7 @@ import time
 
 import torch.distributed as dist
 
-from common import BadExamples, DataError, atomic_write_text
+from common import BadExamples, DataError, atomic_write_text, read_json, writing
 from data import check_rows
 
 # continuous schedule: prompts are encoded WINDOW x --batch_size at a time, so that the encoded images held at once
@@ -82,6 +85,10 @@ def run(rows, out, run_config, check, make_producer, batch_size, schedule, skip_
     from tqdm import tqdm
     if batch_size < 1:
         raise DataError(f"--batch_size must be >= 1, got {batch_size}")
+    if os.path.isdir(out):
+        raise DataError(f"{out}: a directory, not a results file (--out names the JSONL to write)")
+    if os.path.exists(os.path.dirname(out) or ".") and not os.path.isdir(os.path.dirname(out) or "."):
+        raise DataError(f"{os.path.dirname(out)}: a file, not a directory to write {os.path.basename(out)} in")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     barrier = rank_barrier(world)
     if not skip_bad:  # every example checked first: no bad one stops the run hours in
@@ -93,7 +100,9 @@ def run(rows, out, run_config, check, make_producer, batch_size, schedule, skip_
           f"{sum(r['id'] in done for c in chunks for r in c)} already done")
     bad = BadExamples(skip_bad)
     producer = make_producer() if todo else None  # nothing to do: every result is there, only the merge runs
-    with open(mine, "a") as f:
+    kept = ("the results finished before are kept in it (a line cut by the full disk is dropped on the next run): "
+            "free space and run the same command again, it resumes")
+    with writing(mine, kept), open(mine, "a") as f:
         def write(text):  # whole lines, on disk before the next one starts
             f.write(text)
             f.flush()
@@ -114,7 +123,9 @@ def run(rows, out, run_config, check, make_producer, batch_size, schedule, skip_
         return None
     lines = merge_parts(out, [r["id"] for r in rows])
     results = [json.loads(line) for line in lines]
-    atomic_write_text(out, "".join(line for line, r in zip(lines, results) if "_skipped" not in r))
+    atomic_write_text(out, "".join(line for line, r in zip(lines, results) if "_skipped" not in r),
+                      kept=f"{out} is as it was, and every result is kept in the part files beside it: free space and "
+                           f"run the same command again (it merges them)")
     return [r for r in results if "_skipped" not in r]
 
 
@@ -146,18 +157,27 @@ def part_files(pattern):
 
 
 def read_part(path):
-    """({id: line}, n_bytes) of the complete result lines at the start of a part file. A line torn by a kill
-    (no newline, or not JSON) and anything after it is not part of them."""
+    """({id: line}, n_bytes) of the complete result lines at the start of a part file. The last line, when a
+    kill tore it (no newline, or not JSON), is not part of them; a bad line before the last is damage, not a
+    kill, and a DataError naming it (dropping it would drop every line after it)."""
     results, good = {}, 0
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a directory where a part file of results belongs: move it away")
     if os.path.exists(path):
         with open(path, "rb") as f:
-            for line in f:
+            torn = None  # the number of a bad line: torn by a kill when nothing follows it
+            for n, line in enumerate(f, 1):
+                if torn:
+                    raise DataError(f"{path}:{torn}: not a result line, and not the last line (which a kill may "
+                                    f"tear): the file is damaged; restore it, or move it away to answer its examples "
+                                    f"again")
                 try:
                     r = json.loads(line)
                 except ValueError:  # JSON or UTF-8 cut mid-way
-                    break
+                    r = None
                 if not line.endswith(b"\n") or not isinstance(r, dict) or "id" not in r:
-                    break
+                    torn = n
+                    continue
                 results[str(r["id"])] = line.decode()
                 good += len(line)
     return results, good
@@ -179,10 +199,11 @@ def resume_parts(out, run_config, rank, barrier):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     parts = part_files(pattern)
     if os.path.exists(config_path) and parts:
-        with open(config_path) as f:
-            before = json.load(f)
-        if before != run_config:
-            changed = {k: (before.get(k), v) for k, v in run_config.items() if before.get(k) != v}
+        before = read_json(config_path, "results config", "; restore it, or move it and the part files beside it "
+                                                          "away to start over")
+        if before != run_config:  # a key only one side has: written by another version of GAP
+            changed = {k: (before.get(k), run_config.get(k)) for k in sorted(set(before) | set(run_config))
+                       if before.get(k) != run_config.get(k)}
             raise DataError(f"{config_path}: the parts beside it were made with other flags, data or checkpoint "
                             f"(was, now): {changed}; use those, or another --out")
     done, mine = {}, pattern.format(rank)
@@ -190,8 +211,8 @@ def resume_parts(out, run_config, rank, barrier):
         done.update(read_part(path)[0])
     keep = read_part(mine)[1]
     barrier()  # every rank has read the parts before any rank changes them
-    if os.path.exists(mine):
-        os.truncate(mine, keep)  # drop a line torn by a kill
+    if os.path.exists(mine) and os.path.getsize(mine) != keep:
+        os.truncate(mine, keep)  # drop a line torn by a kill (or cut by a full disk)
     if rank == 0 and not (parts and os.path.exists(config_path)):
         atomic_write_text(config_path, json.dumps(run_config, indent=2) + "\n")
     return done, mine

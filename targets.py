@@ -23,7 +23,7 @@ from PIL import Image
 
 import pca as pca_lib
 from common import (SQUARE, BadExamples, DataError, all_reduce, atomic_write_text, fsync_dir, parse_config,
-                    perfect_square)
+                    perfect_square, read_json, reading, user_file, writing)
 from data import PLACEHOLDER, aux_hash, aux_images, read_jsonl
 from model import load_backbone
 
@@ -38,20 +38,22 @@ class TargetCache:
     used. Shards are named by their writer (host, process, rank), so parallel extractions never collide."""
 
     def __init__(self, cache_dir, latent_tokens, fingerprint=None):
-        """fingerprint: cache_info() of the model in use; a cache made by another one is refused (DataError)."""
+        """fingerprint: cache_info() of the model in use; a cache made by another one is refused (DataError), as
+        require() does. Every file of the cache is read here (cache.json, each shard's header): a missing, damaged
+        or foreign one is a DataError naming it."""
         from safetensors import safe_open
         self.dir = os.path.join(cache_dir, f"K{latent_tokens}")
         self.info_path = os.path.join(self.dir, "cache.json")
         self.entries = {}  # id -> {aux image hash: shard file}
         self.info = None
+        for path in (cache_dir, self.dir):
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise DataError(f"{path}: a file, not a target cache directory (targets.py --cache_dir writes one)")
+        redo = f"; delete {self.dir} and run targets.py again"
         if os.path.exists(self.info_path):
-            with open(self.info_path) as f:
-                self.info = json.load(f)
-        if fingerprint is not None and self.info is not None and self.info != fingerprint:
-            diff = ", ".join(f"{k} {self.info.get(k)!r} -> {v!r}" for k, v in fingerprint.items()
-                             if self.info.get(k) != v)
-            raise DataError(f"{self.info_path}: these targets were made by another model or with other settings "
-                            f"({diff}); extract them again into another --cache_dir, or delete {self.dir}")
+            self.info = read_json(self.info_path, "target cache's cache.json", redo)
+        if fingerprint is not None:
+            self.require(fingerprint)
         if not os.path.isdir(self.dir):
             return
         shards = sorted(n for n in os.listdir(self.dir) if n.endswith(".safetensors"))
@@ -59,10 +61,20 @@ class TargetCache:
             raise DataError(f"{self.dir}: shards without cache.json (an older version wrote them): delete the "
                             f"directory and extract again")
         for name in shards:
-            with safe_open(os.path.join(self.dir, name), "pt") as f:
+            path = os.path.join(self.dir, name)
+            redo = "; delete it and run targets.py again (it extracts what is missing)"
+            with reading(user_file(path, "target shard", redo), "target shard", redo), safe_open(path, "pt") as f:
                 for tensor_name in f.keys():  # "{id}/{aux image hash}"
                     key, h = tensor_name.rsplit("/", 1)
                     self.entries.setdefault(key, {})[h] = name
+
+    def require(self, fingerprint):
+        """Refuse (DataError) targets made by another vision tower, K or resize than cache_info() `fingerprint`."""
+        if self.info is not None and self.info != fingerprint:
+            diff = ", ".join(f"{k} {self.info.get(k)!r} -> {v!r}" for k, v in fingerprint.items()
+                             if self.info.get(k) != v)
+            raise DataError(f"{self.info_path}: these targets were made by another model or with other settings "
+                            f"({diff}); extract them again into another --cache_dir, or delete {self.dir}")
 
     def has(self, key, aux_hash):
         return aux_hash in self.entries.get(key, {})
@@ -156,9 +168,6 @@ def extract_targets(cfg: TargetsConfig, backbone=None, image_processor=None, ran
         backbone, _, image_processor = load_backbone(cfg.model)
     info = cache_info(backbone, cfg.latent_tokens)
     cache = TargetCache(cfg.cache_dir, cfg.latent_tokens, info)  # refuses a cache made by another model
-    os.makedirs(cache.dir, exist_ok=True)
-    if cache.info is None:  # every writer may: the same content, each through its own temporary file
-        atomic_write_text(cache.info_path, json.dumps(info, indent=2) + "\n")
     bad, todo, cached = BadExamples(cfg.skip_bad), [], 0
     for r in rows[rank::world]:
         if PLACEHOLDER in r["response"]:
@@ -183,9 +192,16 @@ def extract_targets(cfg: TargetsConfig, backbone=None, image_processor=None, ran
             shard.update({f"{r['id']}/{h}": f.contiguous() for (r, h), f in zip(batch, per_row)})
             extracted += len(batch)
         if len(shard) >= cfg.shard_size or (i + cfg.batch_size >= len(todo) and shard):
+            if shard_no == 0:  # written with the first shard: a run that stops before it leaves nothing behind
+                os.makedirs(cache.dir, exist_ok=True)
+                if cache.info is None:  # every writer may: the same content, each through its own temporary file
+                    atomic_write_text(cache.info_path, json.dumps(info, indent=2) + "\n")
             path = os.path.join(cache.dir, f"shard_{writer}_{shard_no:05d}.safetensors")
-            save_file(shard, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            # (safetensors removes a file it could not finish: nothing half written is left)
+            with writing(path, f"the targets written before are kept in {cache.dir}: free space and run targets.py "
+                               f"again, it extracts what is missing"):
+                save_file(shard, path + ".tmp")
+                os.replace(path + ".tmp", path)
             fsync_dir(path)
             shard, shard_no = {}, shard_no + 1
     skipped = bad_lines + bad.count

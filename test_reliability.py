@@ -325,13 +325,13 @@ MERGE_KILL = """
 import os, signal, sys
 import common, difficulty, sharded
 real = sharded.atomic_write_text
-def torn(path, text):  # the merge's write of OUT is cut by a kill halfway
+def torn(path, text, **kw):  # the merge's write of OUT is cut by a kill halfway
     if path.endswith("s.jsonl"):
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             f.write(text[:len(text) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
-    real(path, text)
+    real(path, text, **kw)
 sharded.atomic_write_text = torn  # the merge (sharded.run) writes OUT
 common.run_main(difficulty.main, common.parse_config(difficulty.DifficultyConfig, sys.argv[1:]))
 """
@@ -357,14 +357,16 @@ class Payload:
 
 
 def test_a_saved_state_cannot_run_code_when_loaded(world, tmp_path, monkeypatch):
-    """meta.pt and the RNG files are read with weights_only=True: a pickle that would run code is refused."""
+    """meta.pt and the RNG files are read with weights_only=True: a pickle that would run code is refused, as a
+    training state file that cannot be read (one line naming it)."""
     from checkpoint import load_state
     state = tmp_path / "state"
     state.mkdir()
     monkeypatch.setenv("GAP_PWNED", str(tmp_path / "pwned"))
     with open(state / "meta.pt", "wb") as f:
         pickle.dump(dict(step=1, config={}, payload=Payload()), f, protocol=2)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(DataError, match=r"state/meta\.pt: not a readable training state file \(damaged, truncated or "
+                                        r"of another kind: Weights only load failed\)"):
         load_state(str(state), None, None, None, 0, {}, ())
     assert not (tmp_path / "pwned").exists()
 

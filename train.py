@@ -27,10 +27,10 @@ import torch.distributed as dist
 
 import align as align_lib
 import latent_head
-import pca as pca_lib
-from checkpoint import export, find_state, load_state, remove_state, save_state
+from checkpoint import (export, find_state, load_state, read_basis, remove_state, save_state, state_damaged,
+                        state_meta)
 from common import SQUARE, BadExamples, DataError, all_reduce, parse_config, run_main, setup_distributed
-from data import DataSpec, GAPDataset, StepCollate, check_rows
+from data import DataSpec, GAPDataset, StepCollate, check_rows, read_jsonl, report
 from latent_head import LatentHead
 from model import GAP, add_latent_tokens, load_backbone
 from step import lr_factor, optimizer_for, train_step, wrap
@@ -102,7 +102,13 @@ class TrainConfig(align_lib.VaLRConfig):
 
 def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
     """Backbone + latent vocabulary + head + data set, unwrapped, fp32 on `device` (with VaLR's flags: the
-    align.VaLR model). Returns (gap, tokenizer, image_processor, dataset, basis); with --check_only gap is None."""
+    align.VaLR model). Returns (gap, tokenizer, image_processor, dataset, basis); with --check_only gap is None.
+    The files a user gives are read before the model is loaded (the data, the target cache, --pca_path), so a bad
+    one is named in seconds, and the data is checked before the PCA basis is fitted from it."""
+    lines = read_jsonl(cfg.data, cfg.skip_bad)
+    cache = TargetCache(cfg.target_cache, cfg.latent_tokens) if cfg.latent_tokens else None
+    if basis is None and cfg.latent_tokens and cfg.pca_path:
+        basis = read_basis(cfg.pca_path, "PCA basis (--pca_path)")
     backbone, tokenizer, image_processor = load_backbone(cfg.model, device, torch.float32, cfg.attn)
     ids = add_latent_tokens(backbone, tokenizer)
     backbone.model.visual.requires_grad_(cfg.train_vision)
@@ -111,34 +117,33 @@ def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
     feed = align_lib.latent_feed(cfg)
     spec = DataSpec(cfg.latent_tokens, cfg.difficulty_tau, cfg.max_len, cfg.image_min_pixels, cfg.image_max_pixels,
                     latent_targets=feed == "targets")
-    # refuses a cache made by another vision tower, K or resize (the fingerprint is of the base weights, before any
-    # training of the tower)
-    cache = TargetCache(cfg.target_cache, cfg.latent_tokens, cache_info(backbone, cfg.latent_tokens)) \
-        if cfg.latent_tokens else None
+    if cache is not None:  # refuses a cache made by another vision tower, K or resize (the fingerprint is of the
+        cache.require(cache_info(backbone, cfg.latent_tokens))  # base weights, before any training of the tower)
     # return_errors: a bad example reaches the training process as a message (from a loader worker too),
     # which stops the run with it or, with --skip_bad, counts it
-    dataset = GAPDataset(cfg.data, tokenizer, image_processor, ids, spec, cache, cfg.skip_bad, return_errors=True)
+    dataset = GAPDataset(cfg.data, tokenizer, image_processor, ids, spec, cache, cfg.skip_bad, return_errors=True,
+                         lines=lines)
     if cfg.validate or cfg.check_only:  # every example checked before step 1, so no bad one stops the run hours in
         problems = check_rows(dataset.rows, dataset.check, "training", rank, world, cfg.skip_bad)
         bad_rows = {i for i, _, _ in problems}
+        if len(bad_rows) == len(dataset.rows):  # before the basis: "no targets to fit a basis from" would hide it
+            raise DataError(f"{cfg.data}: nothing to train on, --skip_bad skipped every example: "
+                            + (report(problems, len(dataset.rows), "training") if rank == 0 else "rank 0 lists them"))
         dataset.rows = [r for i, r in enumerate(dataset.rows) if i not in bad_rows]
         dataset.skipped += len(bad_rows)
     if cfg.check_only:
         return None, tokenizer, image_processor, dataset, None
     if basis is None and cfg.latent_tokens:
-        if cfg.pca_path and not os.path.exists(cfg.pca_path):
-            raise DataError(f"--pca_path {cfg.pca_path}: no such file")
-        basis = pca_lib.load(cfg.pca_path) if cfg.pca_path else fit_basis(cache, dataset.rows, cfg.pca_var, rank,
-                                                                          world)
-        d = backbone.config.text_config.hidden_size
-        if basis is not None and basis["P"].shape[0] != d:
-            raise DataError(f"--pca_path {cfg.pca_path}: a basis of {basis['P'].shape[0]}-wide vectors, the model's "
-                            f"are {d}-wide (made from another model's targets?)")
+        basis = fit_basis(cache, dataset.rows, cfg.pca_var, rank, world)
         if basis is None and cfg.latent_head == "pca":
             raise DataError(f"--latent_head pca needs a PCA basis: no --pca_path and no targets in {cache.dir}")
+    d = backbone.config.text_config.hidden_size
+    if basis is not None and basis["P"].shape[0] != d:
+        raise DataError(f"{cfg.pca_path or 'the saved PCA basis'}: a basis of {basis['P'].shape[0]}-wide vectors, the "
+                        f"model's are {d}-wide (made from another model's targets?)")
     # K = 0 (dense-caption control) never calls the head: a parameter-free one keeps the code path the same
     kind = cfg.latent_head if cfg.latent_tokens else "hidden"
-    head = LatentHead(kind, backbone.config.text_config.hidden_size, basis=basis, adapter_dim=cfg.adapter_dim)
+    head = LatentHead(kind, d, basis=basis, adapter_dim=cfg.adapter_dim)
     gap = GAP(backbone, head.to(device), ids, cfg.latent_tokens, cfg.lambda_latent)
     if feed != "targets" or cfg.align != "none":  # VaLR's feeding and REPA loss (align.py)
         gap, dataset = align_lib.build(cfg, gap, dataset, feed)
@@ -207,12 +212,18 @@ def main(cfg: TrainConfig, on_grads=None):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     state_dir = cfg.state_dir or cfg.out_dir.rstrip("/") + ".state"
-    if cfg.fresh and rank == 0 and not cfg.check_only:
-        remove_state(state_dir)
+    if not cfg.check_only:
+        check_outputs(cfg, state_dir)
     resume_from = None if cfg.fresh or cfg.check_only else find_state(state_dir)  # a state an unfinished run left
-    saved_basis = os.path.join(resume_from, "pca.safetensors") if resume_from else ""
-    gap, tokenizer, image_processor, dataset, basis = build(
-        cfg, device, rank, world, pca_lib.load(saved_basis) if os.path.exists(saved_basis) else None)
+    saved_basis = None
+    if resume_from:  # read before the model is loaded: a damaged state, or one of other flags, is named at once
+        state_meta(resume_from, dataclasses.asdict(cfg), RESUME_FIXED)
+        path = os.path.join(resume_from, "pca.safetensors")
+        saved_basis = read_basis(path, "PCA basis of the saved state", state_damaged(resume_from)) \
+            if os.path.exists(path) else None
+    gap, tokenizer, image_processor, dataset, basis = build(cfg, device, rank, world, saved_basis)
+    if cfg.fresh and rank == 0 and not cfg.check_only:  # discarded only now that the data and the model are good
+        remove_state(state_dir)
     if cfg.check_only:
         if rank == 0:
             print(f"all {len(dataset.rows)} examples are good" if not dataset.skipped else
@@ -243,8 +254,11 @@ def main(cfg: TrainConfig, on_grads=None):
             bad.add(message)  # raises DataError (all ranks then stop), or with --skip_bad counts it
         if not micro:  # every example of this rank's share was bad: nothing to keep the ranks' steps alike with
             raise ValueError(f"rank {rank} has no valid example at step {step} (all skipped as bad)")
-        loss, n_tokens = train_step(model, gap, opt, micro, device, world, sched, cfg.grad_clip, bf16(cfg, device),
-                                    cfg.fsdp, cfg.scheduled_sampling, on_grads)
+        try:
+            loss, n_tokens = train_step(model, gap, opt, micro, device, world, sched, cfg.grad_clip, bf16(cfg, device),
+                                        cfg.fsdp, cfg.scheduled_sampling, on_grads)
+        except torch.OutOfMemoryError as e:  # CUDA's; on a CPU the kernel ends the process, nothing to catch
+            raise DataError(out_of_memory(cfg, step + 1, micro, e)) from None
         step += 1
         losses.append(tuple(loss.values()))  # (L_LM, L_latent[, L_align])
         step_s.append(time.time() - t0)  # the whole step, waiting for its data included
@@ -257,7 +271,10 @@ def main(cfg: TrainConfig, on_grads=None):
             n_bad = all_reduce([bad.count], device)[0]
             save_state(state_dir, gap, opt, sched, step, skipped + int(n_bad), basis, rank, run_config)
     skipped += int(all_reduce([bad.count], device)[0])
-    export(gap, tokenizer, image_processor, cfg.out_dir, dict(run_config, step=step), basis, rank, cfg.fsdp)
+    resumes = find_state(state_dir)
+    kept = (f"{cfg.out_dir} is as it was" + (f", and the state in {resumes} is kept" if resumes else "")
+            + ": free space and run the same command again" + (", it resumes from that state" if resumes else ""))
+    export(gap, tokenizer, image_processor, cfg.out_dir, dict(run_config, step=step), basis, rank, cfg.fsdp, kept)
     if rank == 0:
         remove_state(state_dir)  # the run is finished: a later run with the same out_dir starts over
         print(f"done: {step} steps, {skipped + dataset.skipped} bad examples skipped, checkpoint -> {cfg.out_dir}")
@@ -269,6 +286,29 @@ def main(cfg: TrainConfig, on_grads=None):
         del model, opt, sched, loader
         dist.destroy_process_group()
     return dict(losses=losses, step_s=step_s, attn=attn)
+
+
+def check_outputs(cfg, state_dir):
+    """--out_dir and the state directory are replaced whole by a save (the old one moved away and deleted): refuse,
+    before any work, a file there or a directory that is neither a checkpoint nor a state (a mistyped flag must not
+    delete someone's data)."""
+    for flag, path, mark, what in (("--out_dir", cfg.out_dir, "gap.json", "GAP checkpoint"),
+                                   ("--state_dir", state_dir, "meta.pt", "training state")):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise DataError(f"{flag} {path}: a file, not a directory: training would replace it; give another {flag}")
+        if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, mark)):
+            raise DataError(f"{flag} {path}: a directory that is not a {what} (no {mark}): training would replace "
+                            f"it; give another {flag}, or delete it")
+
+
+def out_of_memory(cfg, step, micro, e):
+    """The message for an out-of-memory error in a training step: the knobs that shrink a step's memory."""
+    longest = max(mb["input_ids"].shape[1] for mb in micro)
+    knobs = (f"--pack_len {cfg.pack_len or cfg.max_len}" if cfg.pack else f"--micro_batch {cfg.micro_batch}")
+    what = ". ".join(str(e).split(". ")[:2])  # "CUDA out of memory. Tried to allocate 2.00 GiB", not the advice after
+    return (f"out of memory in step {step} ({what}); its longest row is {longest} tokens: lower {knobs}, --max_len "
+            f"{cfg.max_len} or --image_max_pixels {cfg.image_max_pixels or '(the processor default)'}"
+            + ("" if cfg.grad_ckpt else ", or pass --grad_ckpt") + ("" if cfg.fsdp else " / --fsdp"))
 
 
 def start_line(cfg, gap, dataset, basis, world, total, pack_len):
