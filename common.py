@@ -148,11 +148,11 @@ def setup_distributed():
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    # workers restarted by torchrun (--max-restarts), or a process that makes a second group (bench.py --mode
-    # smoke), meet in the same store as the group before when it is the launcher's (torchrun's default); its keys
-    # (the old ranks' addresses) must not be read, so each group gets its own prefix (without it gloo connected
-    # to dead addresses and hung). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 every rendezvous round has a new
-    # store, and the restart count is left out: a node whose launcher was replaced counts from 0, the others not
+    # workers restarted by torchrun (--max-restarts), or a process that makes a second group (smoke.py runs
+    # train.main several times), meet in the same store as the group before when it is the launcher's (torchrun's
+    # default); its keys (the old ranks' addresses) must not be read, so each group gets its own prefix (without it
+    # gloo connected to dead addresses and hung). With TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 every rendezvous round
+    # has a new store, and the restart count is left out: a node whose launcher was replaced counts from 0, the others not
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if agent_store else "0"
     attempt = f"{restarts}_{next(_GROUPS)}"
