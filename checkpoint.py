@@ -97,13 +97,15 @@ def checkpoint_stamp(ckpt):
     return h.hexdigest()[:16]
 
 
-def read_gap_json(ckpt_dir):
+def read_gap_json(ckpt_dir, flag="--ckpt"):
     """gap.json of a checkpoint directory, after checking that this code can read its layout (an older one when
-    it is compatible: GAP_LAYOUT); a DataError naming what is missing or damaged otherwise."""
-    user_dir(ckpt_dir, "checkpoint directory")
+    it is compatible: GAP_LAYOUT); a DataError naming what is missing or damaged otherwise, and for a directory
+    that is not a checkpoint the flag (`flag`) that names another."""
+    user_dir(ckpt_dir, "checkpoint directory", f" (pass {flag} the directory train.py wrote)")
     path = os.path.join(ckpt_dir, "gap.json")
     if not os.path.exists(path):
-        raise DataError(f"{path}: not a GAP checkpoint (no gap.json); train one with train.py")
+        raise DataError(f"{path}: not a GAP checkpoint (no gap.json): pass {flag} the directory train.py wrote "
+                        f"(its --out_dir), or train one with train.py")
     config = read_json(path, "checkpoint's gap.json", DAMAGED)
     layout = config.get("layout", 1)
     if not isinstance(layout, int) or layout > GAP_LAYOUT:
@@ -122,13 +124,14 @@ def read_basis(path, what="PCA basis", hint=""):
         return pca_lib.load(path)
 
 
-def load_checkpoint(ckpt_dir, device=None, dtype=None):
+def load_checkpoint(ckpt_dir, device=None, dtype=None, flag="--ckpt"):
     """Load a GAP checkpoint written by save_checkpoint(). Returns (gap, tokenizer, image_processor, config).
     Every file is checked before the model is built: a missing, truncated or foreign one, or latent-token ids in
-    gap.json that are not the tokenizer's, is a DataError naming it."""
+    gap.json that are not the tokenizer's, is a DataError naming it (and `flag`, the entry point's flag that
+    names the checkpoint, where another directory is the fix)."""
     from safetensors.torch import load_file
     ckpt_dir = checkpoint_dir(ckpt_dir)
-    config = read_gap_json(ckpt_dir)
+    config = read_gap_json(ckpt_dir, flag)
     path = os.path.join(ckpt_dir, "gap.json")
     head_path = user_file(os.path.join(ckpt_dir, "latent_head.safetensors"), "latent head", DAMAGED)
     check_files(ckpt_dir, DAMAGED)  # every JSON and safetensors file whole, before anything is loaded

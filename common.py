@@ -29,7 +29,8 @@ def parse_config(cls, argv=None):
     """Build an argparse CLI from a @dataclass: every field is a snake_case flag with its default and its
     `help` metadata; fields with metadata positional=True are optional positionals, choices=... restricts a
     value, and range=(lo, hi) rejects a number outside [lo, hi] before any work starts."""
-    p = OneLineParser(description=(cls.__doc__ or "").strip())
+    # every flag's --help line ends with its default: a user learns lr, K and the batch from --help
+    p = OneLineParser(description=(cls.__doc__ or "").strip(), formatter_class=DefaultsHelp)
     groups = {}  # the fields of a base dataclass (train.py's VaLR flags) are listed under its docstring
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in cls.__dict__.get("__annotations__", {})):
         owner = next(c for c in cls.__mro__ if f.name in c.__dict__.get("__annotations__", {}))
@@ -54,6 +55,16 @@ def parse_config(cls, argv=None):
         if "check" in f.metadata and not f.metadata["check"][0](value):
             p.error(f"--{f.name} {value}: {f.metadata['check'][1]}")
     return cls(**vars(args))
+
+
+class DefaultsHelp(argparse.HelpFormatter):
+    """--help lists each flag's default (argparse's ArgumentDefaultsHelpFormatter, minus empty defaults)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, "", argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 class OneLineParser(argparse.ArgumentParser):

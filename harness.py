@@ -115,7 +115,7 @@ class GAPModel:
     def __init__(self, output="answer", latency_log="", device=None, **settings):
         if output not in ("answer", "response"):
             raise DataError(f"output must be 'answer' or 'response', got {output!r}")
-        self.runner = infer.Runner(infer_config(settings), device or rank_device())
+        self.runner = infer.Runner(infer_config(settings), device or rank_device(), flag="the adapter's ckpt")
         self.output, self.latency_log = output, latency_log
         self.global_rank = int(os.environ.get("RANK", 0))  # (lmms has a read-only `rank`)
         cfg, runner = self.runner.cfg, self.runner

@@ -96,9 +96,9 @@ EVAL_KEYS = ("image_min_pixels", "image_max_pixels", "max_len")
 class Runner:
     """A loaded checkpoint plus the settings to generate with (latent_loop.Sampling from the config's flags)."""
 
-    def __init__(self, cfg: InferConfig, device=None):
+    def __init__(self, cfg: InferConfig, device=None, flag="--ckpt"):
         self.cfg = cfg
-        self.gap, self.tokenizer, self.image_processor, config = load_checkpoint(cfg.ckpt, device)
+        self.gap, self.tokenizer, self.image_processor, config = load_checkpoint(cfg.ckpt, device, flag=flag)
         spec = DataSpec(**{f.name: config[f.name] for f in dataclasses.fields(DataSpec) if f.name in config})
         # the pixel budget and the length limit are the checkpoint's (as trained) unless the config sets them
         self.spec = dataclasses.replace(spec, **{k: getattr(cfg, k) for k in EVAL_KEYS if getattr(cfg, k)})
@@ -271,7 +271,11 @@ def main(cfg: InferConfig):
         to_rgb(im)  # decoded once before the checkpoint is loaded: a bad image is named in a second
     runner = Runner(cfg)
     row = dict(id="0", image=os.path.abspath(cfg.image), question=cfg.question, _file="<command line>", _line=0)
-    response = runner.answer([runner.encode_row(row)])[0]
+    try:
+        encoded = runner.encode_row(row)
+    except DataError as e:  # one image, not an example of a file: --skip_bad has nothing to skip
+        raise DataError(str(e), example=False) from None
+    response = runner.answer([encoded])[0]
     print(response)
     print(f"answer: {extract_answer(response)}")
 

@@ -189,7 +189,7 @@ def main(cfg: NormsConfig):
         resolve(r, "image")
     head, spec = None, DataSpec()
     if os.path.exists(os.path.join(cfg.model, "gap.json")):
-        gap, tokenizer, image_processor, config = load_checkpoint(cfg.model)
+        gap, tokenizer, image_processor, config = load_checkpoint(cfg.model, flag="--model")
         model, head = gap.backbone, gap.head
         spec = DataSpec(**{f.name: config[f.name] for f in dataclasses.fields(DataSpec) if f.name in config})
     else:

@@ -8,6 +8,7 @@ a new GPU machine, under torchrun with the GPUs you have (on a CPU it runs under
 import math
 import os
 import resource
+import sys
 import tempfile
 import time
 
@@ -71,4 +72,7 @@ def main():
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):  # it takes no flags: --help prints what it does
+        print(__doc__)
+        sys.exit(0)
     main()

@@ -315,6 +315,18 @@ def test_the_other_entry_points_name_their_files(copy, capsys):
     assert line == "error: data/d4.jsonl: a file, not a directory to write s.jsonl in"
 
 
+def test_one_image_errors_name_the_flag_that_fixes_them(copy, capsys):
+    """infer.py on one image: a checkpoint directory that is missing or not a checkpoint names --ckpt (the
+    default out/gap is what a new user hits first), and an image too large for --max_len names the pixel flag,
+    never --skip_bad (one image has nothing to skip)."""
+    import infer
+    for ckpt in ("out/gap", "data"):
+        line = one_line_exit_2(capsys, infer.main, parse_config(infer.InferConfig, ["data/img/q0.png", "Q", "--ckpt", ckpt]))
+        assert "pass --ckpt the directory train.py wrote" in line, line
+    line = one_line_exit_2(capsys, *entry("infer", "--max_len", "28"))
+    assert "exceeds max_len=28" in line and "--image_max_pixels" in line and "--skip_bad" not in line, line
+
+
 # ----------------------------------------------------------------------------------------------------------
 # runs that stop on bad input delete nothing; nothing to train on is said as such
 
