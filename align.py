@@ -6,7 +6,7 @@ similarity. The encoders are stock transformers vision models (Dinov2Model, Sigl
 local directories, frozen, and run once offline: their features are cached like GAP's targets, so training and
 inference never load them.
 
-This project's choices where the paper summary is silent (README "VaLR"): the patch grid is average-pooled to the
+This project's choices where the paper summary is silent (docs/REPRODUCING.md "VaLR"): the patch grid is average-pooled to the
 span's sqrt(K) x sqrt(K) grid, slot j of every span aligned with cell j (row-major); a text token of a step is
 aligned with the mean of the K cells (it has no place on the grid); the prefix tokens of an encoder (CLS,
 registers) are dropped; the projector is Linear(d, h) -> SiLU -> Linear(h, h) -> SiLU -> Linear(h, C) as in REPA.

@@ -9,8 +9,8 @@ built) into infer.Runner calls, the project's one inference path, and returns th
 The arguments after `vlmeval` / `lmms_eval` are the harness's own CLI; this file only registers the model
 first (VLMEvalKit: `GAP` in vlmeval.config.supported_VLM, built from the `model.GAP` entry of --config; lmms-eval:
 model `gap`, `--model_args` the same keywords). The keywords are infer.InferConfig's evaluation settings
-(HARNESS_KEYS: latent mode, generation budget, the query image's min/max pixels, max_len; README "Reproducing the
-paper" gives the ones that match the baseline's resolution) plus `output` and `latency_log`. One process or
+(HARNESS_KEYS: latent mode, generation budget, the query image's min/max pixels, max_len; docs/REPRODUCING.md
+gives the ones that match the baseline's resolution) plus `output` and `latency_log`. One process or
 `torchrun` (or `accelerate launch`): each rank loads the checkpoint on GPU LOCAL_RANK and answers its share of the
 rows, as the harness shards them. Exit code 1 when the harness logged an evaluation as failed (both log it and go
 on, exit 0). Tested on CPU by test_harness.py with requirements-eval.txt, in one process and in two.

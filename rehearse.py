@@ -141,7 +141,7 @@ def commands(cfg: RehearseConfig, paths, image):
          f"--global_batch {2 * P} --max_steps 2 --save_every 1 --num_workers 0"),
         (f'python infer.py {image} "{QUESTION}" --ckpt out/gap', f"--max_new_tokens {n}"),
         # a 3840x2160 query image is 10.5k tokens at the 7B budget, over the max_len 8192 the model trained at:
-        # infer.py refuses it unless told (README "Evaluation"), so the rehearsal says --max_len
+        # infer.py refuses it unless told (README "Inference"), so the rehearsal says --max_len
         ("python infer.py --ckpt out/gap --data test.jsonl --latent_mode noise --norm_calib none",
          f"--max_new_tokens {n} --max_len 16384"),
     ]
