@@ -110,8 +110,8 @@ def test_validation_equals_an_independent_teacher_forced_computation(world):
                 val_latent_cos=s["cos"] / s["n_slots"], val_latent_relmse=s["pca_err"] / s["pca_var"],
                 val_latent_norm=s["pred"] / s["n_slots"], val_vision_norm=s["vision"] / s["n_vision"])
     want["val_norm_ratio"] = want["val_latent_norm"] / want["val_vision_norm"]
-    for k, v in want.items():
-        assert got[k] == pytest.approx(v, rel=1e-4), k
+    for k, v in want.items():  # fp32 sums in another order: ~1e-7 apart
+        assert got[k] == pytest.approx(v, rel=1e-6), k
 
 
 def test_validation_generation_rates(world):
@@ -250,7 +250,8 @@ def test_curves_draws_every_run(tmp_path):
     curves.main(cfg)
     img = Image.open(tmp_path / "c.png").convert("RGB")
     assert img.size == (3 * curves.PANEL_W, 24 + 32 + 2 * curves.PANEL_H)  # 4 panels: loss_lm, val, latent, lr
-    colours = {c for _, c in img.getcolors(maxcolors=1 << 20)}
+    panels = img.crop((0, 24 + 32, img.width, img.height))  # below the legend
+    colours = {c for _, c in panels.getcolors(maxcolors=1 << 20)}
     assert set(curves.COLORS[:2]) <= colours and curves.COLORS[2] not in colours
     bad = synthetic(tmp_path / "bad" / "metrics.jsonl", 3, 1.0)
     bad.write_text(bad.read_text().replace("\n", "\nnot json\n", 1))
