@@ -59,7 +59,7 @@ def save_checkpoint(gap, tokenizer, image_processor, out_dir, gap_config: dict, 
         for name in carry:  # copied, not moved: until the swap, OUT_DIR stays whole
             src = os.path.join(out_dir, name)
             if os.path.isdir(src):
-                shutil.copytree(src, os.path.join(tmp, name))
+                shutil.copytree(src, os.path.join(tmp, name), symlinks=True)  # W&B's latest-run link stays a link
             elif os.path.exists(src):
                 shutil.copy2(src, os.path.join(tmp, name))
     replace_dir(tmp, out_dir)

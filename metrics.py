@@ -18,6 +18,7 @@ import os
 import resource
 import shutil
 import time
+import uuid
 
 from common import DataError, atomic_write_text, writing
 
@@ -91,7 +92,7 @@ class WandB:
             with open(id_path) as f:
                 run_id = f.read().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:8]  # W&B's own form of run id
             atomic_write_text(id_path, run_id + "\n")
         self.run = wandb.init(project=project, name=os.path.basename(os.path.abspath(out_dir)), id=run_id,
                               resume="allow", dir=out_dir, config=config)

@@ -5,6 +5,7 @@ draws every run.
 
     python -m pytest -q test_watch.py
 """
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ENV, HERE, K, biased, make_gap
+from conftest import ENV, HERE, K, biased, make_gap, torchrun, write_jsonl
 from data import DataSpec, GAPDataset, collate
 
 MAX_LEN = 200
@@ -160,6 +161,27 @@ def test_resume_after_a_kill_leaves_one_line_per_step(world, tmp_path):
     assert recs[5]["wall_s"] > killed[4]["wall_s"]  # the clock goes on from the kept lines
 
 
+def test_two_ranks_log_the_numbers_of_one_process(world, tmp_path):
+    """torchrun, 2 ranks (DDP): rank 0's metrics.jsonl holds the one-process run's numbers -- losses, gradient norm,
+    and the validation sharded over the ranks (7 held-out examples: 4 and 3; greedy answers of 3: 2 and 1)."""
+    import train
+    rows = [json.loads(line) for line in open(world["data"])][:7]
+    os.symlink(os.path.join(os.path.dirname(world["data"]), "img"), tmp_path / "img")
+    held = write_jsonl(tmp_path / "held.jsonl", rows)
+    flags = dict(max_steps=2, micro_batch=1, eval_data=held, eval_every=2, eval_generate=3, eval_max_new_tokens=6)
+    train.main(config(world, tmp_path, **flags))
+    args = [f"--{k}={v}" for k, v in dataclasses.asdict(config(world, tmp_path, **flags)).items()
+            if v != getattr(train.TrainConfig, k) and k != "out_dir"]
+    torchrun(["train.py", *args, "--out_dir", tmp_path / "two"])
+    one, two = lines(tmp_path / "gap" / "metrics.jsonl"), lines(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in two] == [0, 1, 2] == [r["step"] for r in one]
+    for a, b in zip(one, two):
+        for k in a:
+            if k.startswith(("loss_", "grad_norm", "val_")) and k not in ("val_s", "val_share"):
+                assert b[k] == pytest.approx(a[k], rel=1e-5), (a["step"], k)
+        assert b["val_generated"] == 3 if b["step"] != 1 else "val_loss_lm" not in b
+
+
 def test_tensorboard_gets_the_same_scalars(world, tmp_path):
     """--log tensorboard: the event files (OUT_DIR/tb, carried into the checkpoint) hold every number of every
     metrics.jsonl line at its step, under the same name."""
@@ -199,13 +221,14 @@ def test_wandb_gets_the_same_numbers(world, tmp_path, monkeypatch):
     def init(**kw):
         calls.append(("init", kw))
         return Run()
-    fake = types.SimpleNamespace(init=init, util=types.SimpleNamespace(generate_id=lambda: "run0"))
+    fake = types.SimpleNamespace(init=init)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     import train
     train.main(config(world, tmp_path, max_steps=2, log="wandb"))
     recs = lines(tmp_path / "gap" / "metrics.jsonl")
     init_kw = calls[0][1]
-    assert calls[0][0] == "init" and init_kw["id"] == "run0" and init_kw["dir"] == str(tmp_path / "gap")
+    assert calls[0][0] == "init" and init_kw["dir"] == str(tmp_path / "gap") and init_kw["resume"] == "allow"
+    assert (tmp_path / "gap" / "wandb" / "run_id").read_text().strip() == init_kw["id"]  # a resumed run takes it
     assert init_kw["config"]["max_steps"] == 2
     assert calls[1:] == [("log", r["step"], {k: v for k, v in r.items() if k not in ("step", "time")})
                          for r in recs] + [("finish",)]

@@ -366,7 +366,8 @@ def summary(record):
     words = [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss_")]
     if "lr" in record:
         words += [f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3g}", f"{record['tokens_per_s']:.0f} tok/s"]
-    words += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_") and k not in ("val_s", "val_share")]
+    words += [f"{k} {v:.0f}" if k == "val_generated" else f"{k} {v:.4f}" for k, v in record.items()
+              if k.startswith("val_") and k not in ("val_s", "val_share")]
     if record.get("val_share") is not None:
         words.append(f"validation {record['val_s']:.1f} s ({100 * record['val_share']:.1f}% of the run so far)")
     return " | ".join(words)

@@ -12,6 +12,7 @@ format, what the training loss cannot say --
   val_span_open, val_well_formed, val_accuracy      greedy generation (the KV-cached latent loop, GAP.generate) on the
                                                     first --eval_generate examples: the share that opens a latent span,
                                                     that writes <answer>...</answer>, and that is right (answers.py)
+  val_generated                                     how many answers those rates are of
 
 Each rank takes every world-th example and the sums are reduced over ranks, so every rank returns the same numbers.
 The forward is GAP's own (the module the step trains, hooked to read the head's output and the input embeddings),
@@ -152,7 +153,7 @@ class Validation:
                 counts[3] += bool(truth)
                 counts[4] += bool(truth) and answers_match(extract_answer(response), truth, r["question"])
         n, opened, formed, with_answer, right = all_reduce(counts, device)
-        out = dict(val_span_open=opened / max(n, 1.0), val_well_formed=formed / max(n, 1.0))
+        out = dict(val_generated=n, val_span_open=opened / max(n, 1.0), val_well_formed=formed / max(n, 1.0))
         if with_answer:
             out["val_accuracy"] = right / with_answer
         return out
