@@ -6,7 +6,7 @@ throughput), a colour per run. PIL only (no plotting library to install); panels
     python curves.py out/gap out/dense --out curves.png                 # runs by directory (or metrics.jsonl path)
     python curves.py out/gap --keys loss_lm,val_loss_lm,val_latent_cos --out lm.png
 
-A run still training can be drawn: its file is read up to its last whole line.
+A run still training can be drawn (its OUT_DIR.logs/metrics.jsonl, read up to its last whole line).
 """
 import dataclasses
 import io
@@ -17,7 +17,7 @@ from dataclasses import field
 from PIL import Image, ImageDraw
 
 from common import DataError, atomic_write_bytes, parse_config, run_main, user_file
-from metrics import METRICS, read_metrics
+from metrics import METRICS, logs_dir, read_metrics
 
 # the panels drawn by default, in order (those no run has are left out)
 PANELS = ("loss_lm", "val_loss_lm", "loss_latent", "val_loss_latent", "loss_align", "val_loss_align",
@@ -40,10 +40,16 @@ class CurvesConfig:
 
 
 def load_run(path):
-    """(name, records) of a run directory or metrics file; a DataError naming it when it has none."""
-    file = os.path.join(path, METRICS) if os.path.isdir(path) else path
+    """(name, records) of a run directory or metrics file; a DataError naming it when it has none. A run directory
+    still training has no metrics.jsonl yet: its live one in OUT_DIR.logs is read."""
+    file = path
+    if os.path.isdir(path) or not os.path.exists(path):
+        file = os.path.join(path, METRICS)
+        if not os.path.exists(file) and os.path.exists(os.path.join(logs_dir(path), METRICS)):
+            file = os.path.join(logs_dir(path), METRICS)
     records = read_metrics(user_file(file, "metrics file", " (train.py writes OUT_DIR/metrics.jsonl)"))
     name = os.path.basename(os.path.dirname(os.path.abspath(file))) if file.endswith(METRICS) else os.path.basename(file)
+    name = name[:-len(".logs")] if name.endswith(".logs") else name
     return name, records
 
 

@@ -1,10 +1,14 @@
-"""Watching a training run: OUT_DIR/metrics.jsonl, one JSON line per log step (and per validation) that rank 0
-writes from numbers already reduced over every rank, and, when asked (--log tensorboard | wandb), the same numbers
-under the same names to TensorBoard (OUT_DIR/tb) or Weights & Biases (OUT_DIR/wandb). Neither library is imported
-unless asked for, and neither is needed to train. curves.py draws metrics.jsonl.
+"""Watching a training run: metrics.jsonl, one JSON line per log step (and per validation) that rank 0 writes from
+numbers already reduced over every rank, and, when asked (--log tensorboard | wandb), the same numbers under the same
+names to TensorBoard (tb/) or Weights & Biases (wandb/). Neither library is imported unless asked for, and neither
+is needed to train. curves.py draws metrics.jsonl.
 
-    python train.py ... --out_dir out/gap --log tensorboard     # then: tensorboard --logdir out/gap/tb
-    WANDB_MODE=offline python train.py ... --log wandb          # then: wandb sync out/gap/wandb/offline-run-*
+While the run trains they live in OUT_DIR.logs/ (beside OUT_DIR.state/): OUT_DIR itself is replaced whole by the
+export, so a run that dies leaves the checkpoint there as it was, with its own curves. The export copies them into
+the new checkpoint (OUT_DIR/metrics.jsonl, OUT_DIR/tb, OUT_DIR/wandb); OUT_DIR.logs stays until a new run starts.
+
+    python train.py ... --out_dir out/gap --log tensorboard     # then: tensorboard --logdir out/gap.logs/tb
+    WANDB_MODE=offline python train.py ... --log wandb          # then: wandb sync out/gap.logs/wandb/offline-run-*
 
 A line is appended, flushed and fsynced as soon as it is known, so `tail -f` and a crash both see whole lines.
 A resumed run continues the same file from the step of its saved state: the lines a killed run wrote after that
@@ -23,9 +27,23 @@ import uuid
 from common import DataError, atomic_write_text, writing
 
 METRICS = "metrics.jsonl"
-# what a run writes into its out_dir beside the checkpoint; the export carries them into the new checkpoint
-RUN_LOGS = (METRICS, "tb", "wandb")
+
+
+def logs_dir(out_dir):
+    """Where a run's metrics.jsonl, tb/ and wandb/ live while it trains: OUT_DIR.logs."""
+    return out_dir.rstrip("/") + ".logs"
+
 LOGGERS = ("none", "tensorboard", "wandb")
+
+
+def require_logger(kind):
+    """A DataError, before any work, when --log names a library that is not installed (found without importing it)."""
+    import importlib.util
+    import sys
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(kind)
+    if package and package not in sys.modules and importlib.util.find_spec(package) is None:
+        raise DataError(f"--log {kind}: the {package} package is not installed (pip install {package}), or pass --log "
+                        f"none; metrics.jsonl is written either way")
 
 
 def read_metrics(path):
@@ -63,7 +81,7 @@ def scalars(record):
 
 
 class TensorBoard:
-    """torch.utils.tensorboard's SummaryWriter (needs `pip install tensorboard`) over OUT_DIR/tb."""
+    """torch.utils.tensorboard's SummaryWriter (needs `pip install tensorboard`) over LOG_DIR/tb."""
 
     def __init__(self, log_dir, start_step):
         from torch.utils.tensorboard import SummaryWriter
@@ -80,12 +98,12 @@ class TensorBoard:
 
 
 class WandB:
-    """A Weights & Biases run (needs `pip install wandb`) under OUT_DIR/wandb; WANDB_MODE=offline writes it there
-    only, to `wandb sync` later. A resumed run continues the same W&B run (its id is kept in OUT_DIR/wandb)."""
+    """A Weights & Biases run (needs `pip install wandb`) under LOG_DIR/wandb; WANDB_MODE=offline writes it there
+    only, to `wandb sync` later. A resumed run continues the same W&B run (its id is kept in LOG_DIR/wandb)."""
 
-    def __init__(self, out_dir, start_step, config, project):
+    def __init__(self, log_dir, name, start_step, config, project):
         import wandb
-        folder = os.path.join(out_dir, "wandb")
+        folder = os.path.join(log_dir, "wandb")
         os.makedirs(folder, exist_ok=True)
         id_path = os.path.join(folder, "run_id")
         if start_step and os.path.exists(id_path):
@@ -94,8 +112,7 @@ class WandB:
         else:
             run_id = uuid.uuid4().hex[:8]  # W&B's own form of run id
             atomic_write_text(id_path, run_id + "\n")
-        self.run = wandb.init(project=project, name=os.path.basename(os.path.abspath(out_dir)), id=run_id,
-                              resume="allow", dir=out_dir, config=config)
+        self.run = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=log_dir, config=config)
 
     def log(self, record):
         self.run.log(scalars(record), step=record["step"])
@@ -105,32 +122,37 @@ class WandB:
 
 
 class RunLog:
-    """metrics.jsonl of a run in `out_dir` and the logger asked for (`kind`: none | tensorboard | wandb). Only
-    rank 0 writes; the other ranks' RunLog does nothing. `start_step`: the step a resumed run continues from (0:
-    a new run, which starts the file, and TensorBoard's directory, anew). `config`: the run's flags (W&B's
-    config)."""
+    """metrics.jsonl of the run whose checkpoint goes to `out_dir`, in logs_dir(out_dir), and the logger asked for
+    (`kind`: none | tensorboard | wandb). Only rank 0 writes; the other ranks' RunLog does nothing. `start_step`:
+    the step a resumed run continues from (0: a new run, which starts the file and the loggers' folders anew).
+    `config`: the run's flags (W&B's config)."""
 
     def __init__(self, out_dir, kind="none", start_step=0, config=None, rank=0, project="gap"):
         if kind not in LOGGERS:
             raise DataError(f"--log {kind}: one of {', '.join(LOGGERS)}")
-        self.rank, self.path, self.file, self.logger = rank, os.path.join(out_dir, METRICS), None, None
+        self.dir = logs_dir(out_dir)
+        self.rank, self.path, self.file, self.logger = rank, os.path.join(self.dir, METRICS), None, None
         self.wall0, self.t0 = 0.0, time.time()
         if rank != 0:
             return
-        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(self.dir) and not os.path.isdir(self.dir):
+            raise DataError(f"{self.dir}: a file where the run's metrics go (a directory, OUT_DIR.logs): move it away")
+        os.makedirs(self.dir, exist_ok=True)
         kept = []
         if start_step and os.path.exists(self.path):
             kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
             self.wall0 = max([r.get("wall_s", 0.0) for r in kept] or [0.0])
-        elif not start_step:
-            shutil.rmtree(os.path.join(out_dir, "tb"), ignore_errors=True)  # a new run: no older run's curves
+        elif not start_step:  # a new run: no older run's curves or W&B run
+            for name in ("tb", "wandb"):
+                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
         # the killed run's lines after the saved state (and a line it tore) go: the resumed run writes those steps
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a")
         if kind == "tensorboard":
-            self.logger = TensorBoard(os.path.join(out_dir, "tb"), start_step)
+            self.logger = TensorBoard(os.path.join(self.dir, "tb"), start_step)
         elif kind == "wandb":
-            self.logger = WandB(out_dir, start_step, config or {}, project)
+            self.logger = WandB(self.dir, os.path.basename(os.path.abspath(out_dir)), start_step, config or {},
+                                project)
 
     def wall_s(self):
         """Seconds of this run so far, the segments before a resume included (up to their last kept line)."""

@@ -37,7 +37,7 @@ def lines(path):
 
 
 def test_metrics_lines_are_the_numbers_the_step_computed(world, tmp_path, capsys):
-    """One line per step with its losses (the ones main returns), the learning rates the step used (warmup, then
+    """One line per step (in the checkpoint, copied from OUT_DIR.logs) with its losses (the ones main returns), the learning rates the step used (warmup, then
     cosine), the gradient norm before clipping (computed here from the gradients themselves), and tokens / latent
     slots per second that multiply back to the step's own counts; the log line prints the same numbers."""
     import train
@@ -49,7 +49,8 @@ def test_metrics_lines_are_the_numbers_the_step_computed(world, tmp_path, capsys
         norms.append(math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in gap.parameters() if p.grad is not None)))
     losses = train.main(cfg, on_grads=grad_norm)["losses"]
     out = capsys.readouterr().out
-    recs = lines(tmp_path / "gap" / "metrics.jsonl")  # carried into the exported checkpoint
+    recs = lines(tmp_path / "gap" / "metrics.jsonl")
+    assert recs == lines(tmp_path / "gap.logs" / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3]
     # the examples of each step, as training draws and encodes them: its real tokens and latent slots
     g, tokenizer, image_processor = make_gap(world)
@@ -138,7 +139,7 @@ def test_resume_after_a_kill_leaves_one_line_per_step(world, tmp_path):
     checkpoint holds it."""
     import train
     cfg = config(world, tmp_path, epochs=2, save_every=2, eval_data=world["data"], eval_every=3, eval_generate=0)
-    path = tmp_path / "gap" / "metrics.jsonl"
+    path = tmp_path / "gap.logs" / "metrics.jsonl"  # while training (OUT_DIR is replaced whole by the export)
     calls = []
 
     def die_in_step_6(gap):
@@ -151,9 +152,10 @@ def test_resume_after_a_kill_leaves_one_line_per_step(world, tmp_path):
         train.main(cfg, on_grads=die_in_step_6)
     with open(path) as f:
         killed = [json.loads(line) for line in f.read().splitlines()[:-1]]
-    assert [r["step"] for r in killed] == [0, 1, 2, 3, 4, 5]
+    assert [r["step"] for r in killed] == [0, 1, 2, 3, 4, 5] and not (tmp_path / "gap").exists()
     train.main(cfg)
-    recs = lines(path)
+    recs = lines(tmp_path / "gap" / "metrics.jsonl")
+    assert recs == lines(path)
     assert [r["step"] for r in recs] == [0, 1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in recs if "val_loss_lm" in r] == [0, 3, 6]
     assert recs[:5] == killed[:5]  # the lines up to the saved state, as they were
@@ -183,7 +185,7 @@ def test_two_ranks_log_the_numbers_of_one_process(world, tmp_path):
 
 
 def test_tensorboard_gets_the_same_scalars(world, tmp_path):
-    """--log tensorboard: the event files (OUT_DIR/tb, carried into the checkpoint) hold every number of every
+    """--log tensorboard: the event files (OUT_DIR.logs/tb, copied into the checkpoint) hold every number of every
     metrics.jsonl line at its step, under the same name."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -227,11 +229,23 @@ def test_wandb_gets_the_same_numbers(world, tmp_path, monkeypatch):
     train.main(config(world, tmp_path, max_steps=2, log="wandb"))
     recs = lines(tmp_path / "gap" / "metrics.jsonl")
     init_kw = calls[0][1]
-    assert calls[0][0] == "init" and init_kw["dir"] == str(tmp_path / "gap") and init_kw["resume"] == "allow"
+    assert calls[0][0] == "init" and init_kw["dir"] == str(tmp_path / "gap.logs") and init_kw["resume"] == "allow"
     assert (tmp_path / "gap" / "wandb" / "run_id").read_text().strip() == init_kw["id"]  # a resumed run takes it
     assert init_kw["config"]["max_steps"] == 2
     assert calls[1:] == [("log", r["step"], {k: v for k, v in r.items() if k not in ("step", "time")})
                          for r in recs] + [("finish",)]
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "wandb"])
+def test_a_logger_that_is_not_installed_is_named_before_any_work(monkeypatch, kind):
+    import importlib.util
+    from common import DataError
+    from metrics import require_logger
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.delitem(sys.modules, kind, raising=False)  # an earlier test may have imported it
+    with pytest.raises(DataError, match=f"--log {kind}: the {kind} package is not installed"):
+        require_logger(kind)
+    require_logger("none")
 
 
 def test_nothing_is_imported_with_log_none(world, tmp_path):

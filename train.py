@@ -3,12 +3,15 @@ Qwen2.5-VL with a PCA-aligned latent head, difficulty-aware latent assignment, A
 The same file runs under python (one process) and torchrun: DDP, or FSDP2 with --fsdp (gloo on CPU, nccl on GPU);
 --pack packs several examples per row; --save_every N writes resumable state, and a run started again (by hand, or by
 torchrun --max-restarts after a worker died) continues from it by itself; --fresh starts over; --check_only checks
-every example as training would see it and stops. One optimizer step is step.train_step.
+every example as training would see it and stops. One optimizer step is step.train_step. Every log step appends a
+line to OUT_DIR.logs/metrics.jsonl, copied into the checkpoint at the end (metrics.py; --log tensorboard | wandb sends the same numbers there too), --eval_data
+validates on held-out examples every --eval_every steps (validate.py), and curves.py draws the file.
 
     python tiny.py --out out/tiny --sample_data out/sample
     python targets.py --model out/tiny --data out/sample/train.jsonl --latent_tokens 4 --cache_dir out/cache
     python train.py --model out/tiny --data out/sample/train.jsonl --target_cache out/cache --latent_tokens 4 \\
-        --global_batch 4 --epochs 3 --lr 1e-3 --head_lr 1e-3 --out_dir out/gap
+        --global_batch 4 --epochs 3 --lr 1e-3 --head_lr 1e-3 --out_dir out/gap   # + --eval_data held_out.jsonl
+    python curves.py out/gap --out out/gap/curves.png                           # its metrics.jsonl, drawn
     torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl \\
         --target_cache cache --latent_tokens 36 --fsdp --grad_ckpt --pack --save_every 200
 VaLR (README "VaLR"): --align repa with cached encoder features (align.py), --stage 1 then --stage 2:
@@ -33,7 +36,7 @@ from checkpoint import (export, find_state, load_state, read_basis, remove_state
 from common import SQUARE, BadExamples, DataError, all_reduce, parse_config, run_main, setup_distributed
 from data import DataSpec, GAPDataset, StepCollate, check_rows, read_jsonl, report
 from latent_head import LatentHead
-from metrics import LOGGERS, RUN_LOGS, RunLog, peak_memory_gib
+from metrics import LOGGERS, RunLog, logs_dir, peak_memory_gib, require_logger
 from model import GAP, add_latent_tokens, load_backbone
 from step import lr_factor, optimizer_for, train_step, wrap
 from targets import TargetCache, cache_info, fit_basis
@@ -97,11 +100,12 @@ class TrainConfig(align_lib.VaLRConfig):
                                                              "(exit 0: all good; 2: bad examples listed)"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank (0: load in the "
                                                           "training process)", "range": (0, 64)})
-    log_every: int = field(default=10, metadata={"help": "a log line (and a line of OUT_DIR/metrics.jsonl) every N "
-                                                          "steps", "range": (1, None)})
-    log: str = field(default="none", metadata={"help": "also send metrics.jsonl's numbers to tensorboard (OUT_DIR/tb) "
-                                                       "or wandb (OUT_DIR/wandb; WANDB_MODE=offline works); none: "
-                                                       "neither is imported", "choices": list(LOGGERS)})
+    log_every: int = field(default=10, metadata={"help": "a log line (and a line of metrics.jsonl, in OUT_DIR.logs "
+                                                          "and then the checkpoint) every N steps", "range": (1, None)})
+    log: str = field(default="none", metadata={"help": "also send metrics.jsonl's numbers to tensorboard (tb/) or "
+                                                       "wandb (wandb/; WANDB_MODE=offline works), in OUT_DIR.logs "
+                                                       "while training; none: neither is imported",
+                                                "choices": list(LOGGERS)})
     wandb_project: str = field(default="gap", metadata={"help": "--log wandb: the W&B project"})
     eval_data: str = field(default="", metadata={"help": "held-out JSONL in the training data's format (its targets "
                                                          "in --target_cache): validated every --eval_every steps"})
@@ -247,6 +251,7 @@ def main(cfg: TrainConfig, on_grads=None):
     state_dir = cfg.state_dir or cfg.out_dir.rstrip("/") + ".state"
     if not cfg.check_only:
         check_outputs(cfg, state_dir)
+        require_logger(cfg.log)
     resume_from = None if cfg.fresh or cfg.check_only else find_state(state_dir)  # a state an unfinished run left
     saved_basis = None
     if resume_from:  # read before the model is loaded: a damaged state, or one of other flags, is named at once
@@ -282,7 +287,7 @@ def main(cfg: TrainConfig, on_grads=None):
     if rank == 0:
         print(start_line(cfg, gap, dataset, basis, world, total, pack_len)
               + (f"\nresumed from {resume_from} at step {step}" if resume_from else ""), flush=True)
-    # metrics.jsonl (and TensorBoard / W&B) in out_dir, continued from the saved step; the export carries them
+    # metrics.jsonl (and TensorBoard / W&B) in OUT_DIR.logs, continued from the saved step; the export copies them
     log = RunLog(cfg.out_dir, cfg.log, step, run_config, rank, cfg.wandb_project)
     bar = tqdm(total=total, initial=step, unit="step", disable=rank != 0, dynamic_ncols=True)
     steps_per_epoch = len(dataset) // cfg.global_batch
@@ -346,7 +351,7 @@ def main(cfg: TrainConfig, on_grads=None):
     kept = (f"{cfg.out_dir} is as it was" + (f", and the state in {resumes} is kept" if resumes else "")
             + ": free space and run the same command again" + (", it resumes from that state" if resumes else ""))
     export(gap, tokenizer, image_processor, cfg.out_dir, dict(run_config, step=step), basis, rank, cfg.fsdp, kept,
-           carry=RUN_LOGS)
+           carry=logs_dir(cfg.out_dir))
     if rank == 0:
         remove_state(state_dir)  # the run is finished: a later run with the same out_dir starts over
         print(f"done: {step} steps, {skipped + dataset.skipped} bad examples skipped, checkpoint -> {cfg.out_dir}"
@@ -376,13 +381,12 @@ def summary(record):
 def check_outputs(cfg, state_dir):
     """--out_dir and the state directory are replaced whole by a save (the old one moved away and deleted): refuse,
     before any work, a file there or a directory that is neither a checkpoint nor a state (a mistyped flag must not
-    delete someone's data). An out_dir that holds only a run's logs (metrics.jsonl, tb, wandb) is an unfinished
-    run's."""
-    for flag, path, mark, what, ours in (("--out_dir", cfg.out_dir, "gap.json", "GAP checkpoint", RUN_LOGS),
-                                         ("--state_dir", state_dir, "meta.pt", "training state", ())):
+    delete someone's data)."""
+    for flag, path, mark, what in (("--out_dir", cfg.out_dir, "gap.json", "GAP checkpoint"),
+                                   ("--state_dir", state_dir, "meta.pt", "training state")):
         if os.path.exists(path) and not os.path.isdir(path):
             raise DataError(f"{flag} {path}: a file, not a directory: training would replace it; give another {flag}")
-        if os.path.isdir(path) and set(os.listdir(path)) - set(ours) and not os.path.exists(os.path.join(path, mark)):
+        if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, mark)):
             raise DataError(f"{flag} {path}: a directory that is not a {what} (no {mark}): training would replace "
                             f"it; give another {flag}, or delete it")
 

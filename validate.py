@@ -35,6 +35,8 @@ from latent_loop import Sampling
 from pca import project
 from step import to_device
 
+GENERATE_BATCH = 8  # answers decoded together (a rank's share of --eval_generate is a few)
+
 
 class Validation:
     """The validation of one run. `dataset`: the held-out examples as training reads them (a GAPDataset, or VaLR's
@@ -137,8 +139,8 @@ class Validation:
             return {}
         rows = self.generate_rows[self.rank::self.world]
         counts = [0.0] * 5  # answered, opened a span, well formed, with an answer, right
-        for i in range(0, len(rows), max(1, self.micro_batch)):
-            chunk = rows[i:i + max(1, self.micro_batch)]
+        for i in range(0, len(rows), GENERATE_BATCH):
+            chunk = rows[i:i + GENERATE_BATCH]
             batch = collate([encode_row(self.tokenizer, self.image_processor, r, self.dataset.spec) for r in chunk],
                             self.tokenizer.pad_token_id, left=True)
             # the weights as they are (infer.py's way), without the training step's autocast
