@@ -296,7 +296,7 @@ def main(cfg: TrainConfig, on_grads=None):
     if validation is not None and step == 0:  # the starting point of the validation curves
         val = validation(gap, device)
         val_s += val["val_s"]
-        record = dict(step=0, epoch=0.0, **val, val_share=val_s / log.wall_s(), wall_s=log.wall_s(), time=time.time())
+        record = dict(step=0, epoch=0.0, **val, wall_s=log.wall_s(), time=time.time())  # no share yet: no training
         log.write(record)
         if rank == 0:
             bar.write(f"step 0/{total} | {summary(record)}")
@@ -373,8 +373,9 @@ def summary(record):
         words += [f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3g}", f"{record['tokens_per_s']:.0f} tok/s"]
     words += [f"{k} {v:.0f}" if k == "val_generated" else f"{k} {v:.4f}" for k, v in record.items()
               if k.startswith("val_") and k not in ("val_s", "val_share")]
-    if record.get("val_share") is not None:
-        words.append(f"validation {record['val_s']:.1f} s ({100 * record['val_share']:.1f}% of the run so far)")
+    if "val_s" in record:
+        words.append(f"validation {record['val_s']:.1f} s" + (f" ({100 * record['val_share']:.1f}% of the run so far)"
+                                                                if "val_share" in record else ""))
     return " | ".join(words)
 
 
