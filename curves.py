@@ -48,7 +48,7 @@ def load_run(path):
         if not os.path.exists(file) and os.path.exists(os.path.join(logs_dir(path), METRICS)):
             file = os.path.join(logs_dir(path), METRICS)
     records = read_metrics(user_file(file, "metrics file", " (train.py writes OUT_DIR/metrics.jsonl)"))
-    name = os.path.basename(os.path.dirname(os.path.abspath(file))) if file.endswith(METRICS) else os.path.basename(file)
+    name = os.path.basename(os.path.dirname(os.path.abspath(file)) if file.endswith(METRICS) else file)
     name = name[:-len(".logs")] if name.endswith(".logs") else name
     return name, records
 
@@ -68,10 +68,6 @@ def nice_ticks(lo, hi, n=4):
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
     first = math.ceil(lo / step) * step
     return [first + i * step for i in range(int((hi - first) / step) + 1)]
-
-
-def label(v):
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
 
 
 def draw_panel(d, x0, y0, key, runs):
@@ -95,7 +91,7 @@ def draw_panel(d, x0, y0, key, runs):
     for t in nice_ticks(lo, hi):
         v = 10 ** t if log else t
         d.line([X0 - 4, Y(v), X0, Y(v)], fill="black")
-        d.text((x0 + 4, Y(v) - 6), label(v), fill="black")
+        d.text((x0 + 4, Y(v) - 6), f"{v:.3g}", fill="black")
     for s in nice_ticks(s_lo, s_hi):
         d.line([X(s), Y1, X(s), Y1 + 4], fill="black")
         d.text((X(s) - 8, Y1 + 8), str(int(s)), fill="black")

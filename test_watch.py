@@ -37,16 +37,18 @@ def lines(path):
 
 
 def test_metrics_lines_are_the_numbers_the_step_computed(world, tmp_path, capsys):
-    """One line per step (in the checkpoint, copied from OUT_DIR.logs) with its losses (the ones main returns), the learning rates the step used (warmup, then
-    cosine), the gradient norm before clipping (computed here from the gradients themselves), and tokens / latent
-    slots per second that multiply back to the step's own counts; the log line prints the same numbers."""
+    """One line per step (in the checkpoint, copied from OUT_DIR.logs) with its losses (the ones main returns), the
+    learning rates the step used (warmup, then cosine), the gradient norm before clipping (computed here from the
+    gradients themselves), and tokens / latent slots per second that multiply back to the step's own counts; the log
+    line prints the same numbers."""
     import train
     from step import lr_factor
     cfg = config(world, tmp_path, max_steps=3, grad_clip=0.5)
     norms = []
 
     def grad_norm(gap):  # before clipping: the step calls this first
-        norms.append(math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in gap.parameters() if p.grad is not None)))
+        grads = [p.grad.double() for p in gap.parameters() if p.grad is not None]
+        norms.append(math.sqrt(sum(float(g.pow(2).sum()) for g in grads)))
     losses = train.main(cfg, on_grads=grad_norm)["losses"]
     out = capsys.readouterr().out
     recs = lines(tmp_path / "gap" / "metrics.jsonl")
@@ -252,9 +254,9 @@ def test_nothing_is_imported_with_log_none(world, tmp_path):
     """A run with the default --log none imports neither TensorBoard nor W&B (nor torch's writer for it)."""
     code = f"""
 import sys, train
-train.main(train.TrainConfig(model={world['model']!r}, data={world['data']!r}, target_cache={str(world['root'] / 'cache')!r},
-    latent_tokens={K}, adapter_dim=16, global_batch=4, max_steps=1, num_workers=0, max_len={MAX_LEN},
-    out_dir={str(tmp_path / 'gap')!r}))
+train.main(train.TrainConfig(model={world['model']!r}, data={world['data']!r},
+    target_cache={str(world['root'] / 'cache')!r}, latent_tokens={K}, adapter_dim=16, global_batch=4, max_steps=1,
+    num_workers=0, max_len={MAX_LEN}, out_dir={str(tmp_path / 'gap')!r}))
 print("imported:", sorted(m for m in sys.modules if m.split(".")[0] in ("tensorboard", "wandb")
                           or m.startswith("torch.utils.tensorboard")))
 """

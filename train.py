@@ -4,8 +4,9 @@ The same file runs under python (one process) and torchrun: DDP, or FSDP2 with -
 --pack packs several examples per row; --save_every N writes resumable state, and a run started again (by hand, or by
 torchrun --max-restarts after a worker died) continues from it by itself; --fresh starts over; --check_only checks
 every example as training would see it and stops. One optimizer step is step.train_step. Every log step appends a
-line to OUT_DIR.logs/metrics.jsonl, copied into the checkpoint at the end (metrics.py; --log tensorboard | wandb sends the same numbers there too), --eval_data
-validates on held-out examples every --eval_every steps (validate.py), and curves.py draws the file.
+line to OUT_DIR.logs/metrics.jsonl, copied into the checkpoint at the end (metrics.py; --log tensorboard | wandb sends
+the same numbers there too), --eval_data validates on held-out examples every --eval_every steps (validate.py), and
+curves.py draws the file.
 
     python tiny.py --out out/tiny --sample_data out/sample
     python targets.py --model out/tiny --data out/sample/train.jsonl --latent_tokens 4 --cache_dir out/cache
@@ -331,7 +332,8 @@ def main(cfg: TrainConfig, on_grads=None):
                 (peak,) = all_reduce([peak_memory_gib(device)], device, dist.ReduceOp.MAX if world > 1 else None)
                 record = dict(step=step, epoch=step / steps_per_epoch, lr=lrs[0], lr_head=lrs[-1],
                               **{f"loss_{k}": v for k, v in loss.items()}, grad_norm=info["grad_norm"],
-                              tokens_per_s=window["tokens"] / seconds, latent_slots_per_s=window["latent_slots"] / seconds,
+                              tokens_per_s=window["tokens"] / seconds,
+                              latent_slots_per_s=window["latent_slots"] / seconds,
                               step_s=seconds / window["steps"], peak_mem_gib=peak, **val)
                 record.update(val_share=val_s / log.wall_s() if val else None, wall_s=log.wall_s(), time=time.time())
                 log.write({k: v for k, v in record.items() if v is not None})
@@ -370,7 +372,8 @@ def summary(record):
     """A metrics record in a few words: the log line after its "step N/total", and the progress bar's postfix."""
     words = [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss_")]
     if "lr" in record:
-        words += [f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3g}", f"{record['tokens_per_s']:.0f} tok/s"]
+        words += [f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3g}",
+                  f"{record['tokens_per_s']:.0f} tok/s"]
     words += [f"{k} {v:.0f}" if k == "val_generated" else f"{k} {v:.4f}" for k, v in record.items()
               if k.startswith("val_") and k not in ("val_s", "val_share")]
     if "val_s" in record:
