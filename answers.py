@@ -8,6 +8,7 @@ Stdlib only: it runs, and its tests run, without torch.
 extract_answer(response): text of the last <answer> opening (up to </answer>, the next tag or the end), else
 the last \\boxed{}, else the last "the answer is X" / "Answer: X", else the last non-empty line after </think>.
 tagged_answer(response): the same inside an <answer> tag, "" without one (what harness.py gives the harnesses).
+well_formed(response): whether the response writes <answer>...</answer> (training's validation counts it).
 answers_match(pred, truth, question): choice letters (also inside a sentence when the question lists
 options), yes/no by first word, numbers by value (number words, scientific notation, fractions, percent,
 units ignored; a decimal must round to the truth as written, as MathVista's scorer rounds), else the
@@ -94,6 +95,12 @@ def tagged_answer(response: str) -> str:
     response has no <answer> tag (reasoning cut at max_new_tokens, say): what the evaluation harnesses get, so
     that no lenient matcher scores a line of reasoning as the answer."""
     return extract_answer(response) if _OPEN.search(response) else ""
+
+
+def well_formed(response: str) -> bool:
+    """Whether a response closes its answer in the trained format, <answer>...</answer> (training's validation
+    counts these; a response cut at max_new_tokens or rambling on has none)."""
+    return re.search(r"<answer>.*?</answer>", response, re.S | re.I) is not None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -43,18 +43,21 @@ DAMAGED = ("; the checkpoint is damaged: use another one, or train it again (a r
 
 
 def save_checkpoint(gap, tokenizer, image_processor, out_dir, gap_config: dict, basis=None, state_dict=None,
-                    kept=None):
+                    kept=None, carry=None):
     """Write a complete checkpoint directory atomically: everything goes to DIR.tmp, which then replaces DIR,
     so a crash mid-save never damages the previous checkpoint. The backbone directory loads in the stock
     Qwen2_5_VLForConditionalGeneration; load_checkpoint() loads the whole of it. gap.json records the head's
     own configuration, so any caller's checkpoint loads. `state_dict`: a full GAP state dict to write instead
     of gap's own (export() gathers one from FSDP2 shards). `kept`: what a save the disk has no room for leaves
-    intact, for its one line (default: OUT_DIR as it was)."""
+    intact, for its one line (default: OUT_DIR as it was). `carry`: a directory whose files go into the checkpoint
+    too (a training run's metrics.jsonl and logs, metrics.logs_dir)."""
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     with writing(out_dir, kept or f"{out_dir} is as it was: free space and save again",
                  cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
         write_checkpoint(gap, tokenizer, image_processor, tmp, gap_config, basis, state_dict)
+        if carry and os.path.isdir(carry):  # W&B's latest-run link stays a link
+            shutil.copytree(carry, tmp, symlinks=True, dirs_exist_ok=True)
     replace_dir(tmp, out_dir)
 
 
@@ -156,15 +159,15 @@ def load_checkpoint(ckpt_dir, device=None, dtype=None, flag="--ckpt"):
     return gap.eval(), tokenizer, image_processor, config
 
 
-def export(gap, tokenizer, image_processor, out_dir, gap_config, basis, rank, fsdp, kept=None):
+def export(gap, tokenizer, image_processor, out_dir, gap_config, basis, rank, fsdp, kept=None, carry=None):
     """The final checkpoint, from every rank of a run. Under FSDP2 every rank takes part in gathering the full
-    state dict, which only rank 0 holds (on CPU) and writes. `kept`: as in save_checkpoint."""
+    state dict, which only rank 0 holds (on CPU) and writes. `kept`, `carry`: as in save_checkpoint."""
     state_dict = None
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state_dict = get_model_state_dict(gap, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        save_checkpoint(gap, tokenizer, image_processor, out_dir, gap_config, basis, state_dict, kept)
+        save_checkpoint(gap, tokenizer, image_processor, out_dir, gap_config, basis, state_dict, kept, carry)
     barrier()
 
 

@@ -41,9 +41,10 @@ def parse_config(cls, argv=None):
         if f.type in (bool, "bool"):
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-        if f.metadata.get("positional"):
-            group.add_argument(f.name, nargs="?", **kw)
+            # a field of several values (nargs "+", a tuple) holds strings
+            kw["type"] = str if "nargs" in f.metadata else {"int": int, "float": float, "str": str}.get(f.type, f.type)
+        if f.metadata.get("positional"):  # nargs "+": a tuple of values
+            group.add_argument(f.name, nargs=f.metadata.get("nargs", "?"), **kw)
         else:
             group.add_argument("--" + f.name, **kw)
     args = p.parse_args(argv)
@@ -54,7 +55,7 @@ def parse_config(cls, argv=None):
             p.error(f"--{f.name} {value} is out of range [{lo}, {hi}]")
         if "check" in f.metadata and not f.metadata["check"][0](value):
             p.error(f"--{f.name} {value}: {f.metadata['check'][1]}")
-    return cls(**vars(args))
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
 
 
 class DefaultsHelp(argparse.HelpFormatter):
@@ -88,10 +89,15 @@ SQUARE = (perfect_square, "must be a perfect square >= 0 (K latents fill a sqrt(
 def atomic_write_text(path, text, kept=None):
     """Write a file so that a crash leaves either the old or the new content, never half of one. A full disk ends
     the run with one line (writing()) saying that `path` is as it was, or `kept` when the caller knows more."""
+    atomic_write_bytes(path, text.encode("utf-8"), kept)
+
+
+def atomic_write_bytes(path, data, kept=None):
+    """atomic_write_text for bytes (a PNG)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with writing(path, kept or f"{path} is as it was", cleanup=lambda: remove_file(tmp)):
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -4,7 +4,7 @@ train_step() once per step; bench_train.py times the same function.
 
     model = wrap(gap, device, world, fsdp=..., bf16=...)
     opt = optimizer_for(gap, lr, head_lr, weight_decay)
-    losses, tokens = train_step(model, gap, opt, micro_batches, device, world)
+    losses, info = train_step(model, gap, opt, micro_batches, device, world)   # info: tokens, latent_slots, grad_norm
 
 The model's own counts() and loss() say what is normalized by what and how the terms are weighted (GAP: eq. 3;
 align.VaLR adds REPA), so the step is the same for every objective.
@@ -23,7 +23,8 @@ def train_step(model, gap, opt, micro, device, world, sched=None, grad_clip=1.0,
     """One optimizer step on this rank's micro-batches `micro` (collated dicts) of a step's global batch.
     model: gap wrapped (wrap()); gap: the unwrapped GAP, whose counts() / loss() define the objective.
     on_grads(gap): called with the step's gradients in place, before clipping (a seam for tests and metrics).
-    Returns ({term: the step's mean loss over the global batch}, the number of real tokens over all ranks)."""
+    Returns ({term: the step's mean loss over the global batch}, dict(tokens: real tokens over all ranks,
+    latent_slots: latent slots over all ranks, grad_norm: the global gradient norm before clipping))."""
     # the loss is normalized by the global number of supervised tokens and latent slots of the step (not by the
     # number of micro-steps): answers have different lengths, and ranks hold different examples
     local = {}
@@ -48,15 +49,19 @@ def train_step(model, gap, opt, micro, device, world, sched=None, grad_clip=1.0,
         tokens += weight * (mb["input_ids"].numel() if mb["attention_mask"] is None else mb["attention_mask"].sum().item())
     if on_grads is not None:
         on_grads(gap)
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(gap.parameters(), grad_clip)
+    params = [p for p in gap.parameters() if p.grad is not None]
+    # the norm before clipping, over every rank's shard (FSDP2: a DTensor, made whole); one host sync, as the loss
+    norm = (torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip
+            else torch.nn.utils.get_total_norm([p.grad for p in params]))
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     opt.step()
     if sched is not None:
         sched.step()
     opt.zero_grad(set_to_none=True)
     *totals, tokens = all_reduce(list(sums.values()) + [tokens], device)
     # lm_sum / n_lm, latent_sum / n_latent, align_sum / n_align: each term per supervised position
-    return {k[:-len("_sum")]: v / max(n["n_" + k[:-len("_sum")]], 1.0) for k, v in zip(sums, totals)}, tokens
+    losses = {k[:-len("_sum")]: v / max(n["n_" + k[:-len("_sum")]], 1.0) for k, v in zip(sums, totals)}
+    return losses, dict(tokens=tokens, latent_slots=n["n_latent"], grad_norm=grad_norm)
 
 
 def set_grad_sync(model, sync):

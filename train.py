@@ -3,12 +3,16 @@ Qwen2.5-VL with a PCA-aligned latent head, difficulty-aware latent assignment, A
 The same file runs under python (one process) and torchrun: DDP, or FSDP2 with --fsdp (gloo on CPU, nccl on GPU);
 --pack packs several examples per row; --save_every N writes resumable state, and a run started again (by hand, or by
 torchrun --max-restarts after a worker died) continues from it by itself; --fresh starts over; --check_only checks
-every example as training would see it and stops. One optimizer step is step.train_step.
+every example as training would see it and stops. One optimizer step is step.train_step. Every log step appends a
+line to OUT_DIR.logs/metrics.jsonl, copied into the checkpoint at the end (metrics.py; --log tensorboard | wandb sends
+the same numbers there too), --eval_data validates on held-out examples every --eval_every steps (validate.py), and
+curves.py draws the file.
 
     python tiny.py --out out/tiny --sample_data out/sample
     python targets.py --model out/tiny --data out/sample/train.jsonl --latent_tokens 4 --cache_dir out/cache
     python train.py --model out/tiny --data out/sample/train.jsonl --target_cache out/cache --latent_tokens 4 \\
-        --global_batch 4 --epochs 3 --lr 1e-3 --head_lr 1e-3 --out_dir out/gap
+        --global_batch 4 --epochs 3 --lr 1e-3 --head_lr 1e-3 --out_dir out/gap   # + --eval_data held_out.jsonl
+    python curves.py out/gap --out out/gap/curves.png                           # its metrics.jsonl, drawn
     torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-VL-7B-Instruct --data train.jsonl \\
         --target_cache cache --latent_tokens 36 --fsdp --grad_ckpt --pack --save_every 200
 VaLR (README "VaLR"): --align repa with cached encoder features (align.py), --stage 1 then --stage 2:
@@ -24,6 +28,7 @@ from dataclasses import field
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import align as align_lib
 import latent_head
@@ -32,9 +37,11 @@ from checkpoint import (export, find_state, load_state, read_basis, remove_state
 from common import SQUARE, BadExamples, DataError, all_reduce, parse_config, run_main, setup_distributed
 from data import DataSpec, GAPDataset, StepCollate, check_rows, read_jsonl, report
 from latent_head import LatentHead
+from metrics import LOGGERS, RunLog, logs_dir, peak_memory_gib, require_logger
 from model import GAP, add_latent_tokens, load_backbone
 from step import lr_factor, optimizer_for, train_step, wrap
 from targets import TargetCache, cache_info, fit_basis
+from validate import Validation
 
 
 AUTO_SAVE = 200  # --save_every -1: a state every 200 steps, so a crash loses at most that much of a long run
@@ -94,7 +101,22 @@ class TrainConfig(align_lib.VaLRConfig):
                                                              "(exit 0: all good; 2: bad examples listed)"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank (0: load in the "
                                                           "training process)", "range": (0, 64)})
-    log_every: int = field(default=10, metadata={"help": "print a log line every N steps", "range": (1, None)})
+    log_every: int = field(default=10, metadata={"help": "a log line (and a line of metrics.jsonl, in OUT_DIR.logs "
+                                                          "and then the checkpoint) every N steps", "range": (1, None)})
+    log: str = field(default="none", metadata={"help": "also send metrics.jsonl's numbers to tensorboard (tb/) or "
+                                                       "wandb (wandb/; WANDB_MODE=offline works), in OUT_DIR.logs "
+                                                       "while training; none: neither is imported",
+                                                "choices": list(LOGGERS)})
+    wandb_project: str = field(default="gap", metadata={"help": "--log wandb: the W&B project"})
+    eval_data: str = field(default="", metadata={"help": "held-out JSONL in the training data's format (its targets "
+                                                         "in --target_cache): validated every --eval_every steps"})
+    eval_every: int = field(default=200, metadata={"help": "--eval_data: validate every N steps, at step 0 and at "
+                                                           "the end", "range": (1, None)})
+    eval_generate: int = field(default=8, metadata={"help": "--eval_data: greedy answers of its first N examples "
+                                                            "(span-open, well-formed and accuracy rates; 0: none)",
+                                                    "range": (0, None)})
+    eval_max_new_tokens: int = field(default=256, metadata={"help": "--eval_data: generated tokens per answer",
+                                                            "range": (1, None)})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,6 +170,22 @@ def build(cfg: TrainConfig, device, rank=0, world=1, basis=None):
     if feed != "targets" or cfg.align != "none":  # VaLR's feeding and REPA loss (align.py)
         gap, dataset = align_lib.build(cfg, gap, dataset, feed)
     return gap, tokenizer, image_processor, dataset, basis
+
+
+def held_out(cfg, lines, gap, dataset, tokenizer, image_processor, basis, device, rank, world):
+    """The validation of --eval_data (validate.py): its examples as training reads them (the same DataSpec, target
+    cache and, with VaLR's REPA, encoder features), checked as the training data is before step 1."""
+    held = GAPDataset(cfg.eval_data, tokenizer, image_processor, gap.latent_ids, dataset.spec, dataset.targets,
+                      cfg.skip_bad, lines=lines)
+    problems = check_rows(held.rows, held.check, "validation", rank, world, cfg.skip_bad)
+    bad_rows = {i for i, _, _ in problems}
+    held.rows = [r for i, r in enumerate(held.rows) if i not in bad_rows]
+    if not held.rows:
+        raise DataError(f"{cfg.eval_data}: nothing to validate on, --skip_bad skipped every example")
+    if isinstance(dataset, align_lib.AlignedDataset):
+        held = align_lib.AlignedDataset(held, dataset.caches)
+    return Validation(held, tokenizer, image_processor, basis, cfg.micro_batch, cfg.eval_generate,
+                      cfg.eval_max_new_tokens, bf16(cfg, device), cfg.fsdp, rank, world)
 
 
 def bf16(cfg, device):
@@ -214,6 +252,7 @@ def main(cfg: TrainConfig, on_grads=None):
     state_dir = cfg.state_dir or cfg.out_dir.rstrip("/") + ".state"
     if not cfg.check_only:
         check_outputs(cfg, state_dir)
+        require_logger(cfg.log)
     resume_from = None if cfg.fresh or cfg.check_only else find_state(state_dir)  # a state an unfinished run left
     saved_basis = None
     if resume_from:  # read before the model is loaded: a damaged state, or one of other flags, is named at once
@@ -221,6 +260,7 @@ def main(cfg: TrainConfig, on_grads=None):
         path = os.path.join(resume_from, "pca.safetensors")
         saved_basis = read_basis(path, "PCA basis of the saved state", state_damaged(resume_from)) \
             if os.path.exists(path) else None
+    eval_lines = read_jsonl(cfg.eval_data, cfg.skip_bad) if cfg.eval_data and not cfg.check_only else None
     gap, tokenizer, image_processor, dataset, basis = build(cfg, device, rank, world, saved_basis)
     if cfg.fresh and rank == 0 and not cfg.check_only:  # discarded only now that the data and the model are good
         remove_state(state_dir)
@@ -243,41 +283,81 @@ def main(cfg: TrainConfig, on_grads=None):
         collate_fn=StepCollate(tokenizer.pad_token_id, cfg.micro_batch, pack_len), num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda", prefetch_factor=2 if cfg.num_workers else None,
         generator=torch.Generator().manual_seed(cfg.seed))  # its own: it must not draw from the restored RNG
+    validation = held_out(cfg, eval_lines, gap, dataset, tokenizer, image_processor, basis, device, rank, world) \
+        if cfg.eval_data else None
     if rank == 0:
         print(start_line(cfg, gap, dataset, basis, world, total, pack_len)
               + (f"\nresumed from {resume_from} at step {step}" if resume_from else ""), flush=True)
-    bad, losses, step_s, window_tokens = BadExamples(cfg.skip_bad), [], [], 0.0
+    # metrics.jsonl (and TensorBoard / W&B) in OUT_DIR.logs, continued from the saved step; the export copies them
+    log = RunLog(cfg.out_dir, cfg.log, step, run_config, rank, cfg.wandb_project)
+    bar = tqdm(total=total, initial=step, unit="step", disable=rank != 0, dynamic_ncols=True)
+    steps_per_epoch = len(dataset) // cfg.global_batch
+    bad, losses, step_s, window = BadExamples(cfg.skip_bad), [], [], dict(tokens=0.0, latent_slots=0.0, steps=0)
+    val_s = 0.0  # seconds spent validating in this process, for the share of the run it takes
+    if validation is not None and step == 0:  # the starting point of the validation curves
+        val = validation(gap, device)
+        val_s += val["val_s"]
+        record = dict(step=0, epoch=0.0, **val, wall_s=log.wall_s(), time=time.time())  # no share yet: no training
+        log.write(record)
+        if rank == 0:
+            bar.write(f"step 0/{total} | {summary(record)}")
     t0 = t_log = time.time()
     gap.train()
-    for micro, errors in loader:  # this rank's examples of one step, loaded and collated by the workers
-        for message in errors:
-            bad.add(message)  # raises DataError (all ranks then stop), or with --skip_bad counts it
-        if not micro:  # every example of this rank's share was bad: nothing to keep the ranks' steps alike with
-            raise ValueError(f"rank {rank} has no valid example at step {step} (all skipped as bad)")
-        try:
-            loss, n_tokens = train_step(model, gap, opt, micro, device, world, sched, cfg.grad_clip, bf16(cfg, device),
-                                        cfg.fsdp, cfg.scheduled_sampling, on_grads)
-        except torch.OutOfMemoryError as e:  # CUDA's; on a CPU the kernel ends the process, nothing to catch
-            raise DataError(out_of_memory(cfg, step + 1, micro, e)) from None
-        step += 1
-        losses.append(tuple(loss.values()))  # (L_LM, L_latent[, L_align])
-        step_s.append(time.time() - t0)  # the whole step, waiting for its data included
-        t0, window_tokens = time.time(), window_tokens + n_tokens
-        if rank == 0 and (step % cfg.log_every == 0 or step == total):
-            print(f"step {step}/{total} | " + " | ".join(f"loss_{k} {v:.4f}" for k, v in loss.items())
-                  + f" | lr {sched.get_last_lr()[0]:.2e} | {window_tokens / (t0 - t_log):.0f} tok/s", flush=True)
-            t_log, window_tokens = t0, 0.0
-        if save_every and step % save_every == 0 and step < total:
-            n_bad = all_reduce([bad.count], device)[0]
-            save_state(state_dir, gap, opt, sched, step, skipped + int(n_bad), basis, rank, run_config)
+    try:
+        for micro, errors in loader:  # this rank's examples of one step, loaded and collated by the workers
+            for message in errors:
+                bad.add(message)  # raises DataError (all ranks then stop), or with --skip_bad counts it
+            if not micro:  # every example of this rank's share was bad: nothing to keep the ranks' steps alike with
+                raise ValueError(f"rank {rank} has no valid example at step {step} (all skipped as bad)")
+            lrs = [g["lr"] for g in opt.param_groups]  # what this step uses (the scheduler moves on inside it)
+            try:
+                loss, info = train_step(model, gap, opt, micro, device, world, sched, cfg.grad_clip,
+                                        bf16(cfg, device), cfg.fsdp, cfg.scheduled_sampling, on_grads)
+            except torch.OutOfMemoryError as e:  # CUDA's; on a CPU the kernel ends the process, nothing to catch
+                raise DataError(out_of_memory(cfg, step + 1, micro, e)) from None
+            step += 1
+            losses.append(tuple(loss.values()))  # (L_LM, L_latent[, L_align])
+            step_s.append(time.time() - t0)  # the whole step, waiting for its data included
+            t0 = time.time()
+            for k in ("tokens", "latent_slots"):
+                window[k] += info[k]
+            window["steps"] += 1
+            bar.update(1)
+            val = {}
+            if validation is not None and (step % cfg.eval_every == 0 or step == total):
+                val = validation(gap, device)  # every rank: the validation set is sharded over them
+                val_s += val["val_s"]
+            if step % cfg.log_every == 0 or step == total or val:
+                seconds = t0 - t_log  # the steps since the last line, validation not included
+                (peak,) = all_reduce([peak_memory_gib(device)], device, dist.ReduceOp.MAX if world > 1 else None)
+                record = dict(step=step, epoch=step / steps_per_epoch, lr=lrs[0], lr_head=lrs[-1],
+                              **{f"loss_{k}": v for k, v in loss.items()}, grad_norm=info["grad_norm"],
+                              tokens_per_s=window["tokens"] / seconds,
+                              latent_slots_per_s=window["latent_slots"] / seconds,
+                              step_s=seconds / window["steps"], peak_mem_gib=peak, **val)
+                record.update(val_share=val_s / log.wall_s() if val else None, wall_s=log.wall_s(), time=time.time())
+                log.write({k: v for k, v in record.items() if v is not None})
+                if rank == 0:
+                    bar.set_postfix_str(summary(record), refresh=False)  # the bar says what the line says
+                    bar.write(f"step {step}/{total} | {summary(record)}")
+                window = dict(tokens=0.0, latent_slots=0.0, steps=0)
+                t0 = t_log = time.time()
+            if save_every and step % save_every == 0 and step < total:
+                n_bad = all_reduce([bad.count], device)[0]
+                save_state(state_dir, gap, opt, sched, step, skipped + int(n_bad), basis, rank, run_config)
+    finally:
+        bar.close()
+        log.close()  # TensorBoard / W&B flushed and closed before the export copies their files
     skipped += int(all_reduce([bad.count], device)[0])
     resumes = find_state(state_dir)
     kept = (f"{cfg.out_dir} is as it was" + (f", and the state in {resumes} is kept" if resumes else "")
             + ": free space and run the same command again" + (", it resumes from that state" if resumes else ""))
-    export(gap, tokenizer, image_processor, cfg.out_dir, dict(run_config, step=step), basis, rank, cfg.fsdp, kept)
+    export(gap, tokenizer, image_processor, cfg.out_dir, dict(run_config, step=step), basis, rank, cfg.fsdp, kept,
+           carry=logs_dir(cfg.out_dir))
     if rank == 0:
         remove_state(state_dir)  # the run is finished: a later run with the same out_dir starts over
-        print(f"done: {step} steps, {skipped + dataset.skipped} bad examples skipped, checkpoint -> {cfg.out_dir}")
+        print(f"done: {step} steps, {skipped + dataset.skipped} bad examples skipped, checkpoint -> {cfg.out_dir}"
+              + (f"; validation took {100 * val_s / log.wall_s():.1f}% of the run" if validation is not None else ""))
     attn = gap.backbone.config._attn_implementation
     if dist.is_initialized():
         dist.barrier()
@@ -286,6 +366,20 @@ def main(cfg: TrainConfig, on_grads=None):
         del model, opt, sched, loader
         dist.destroy_process_group()
     return dict(losses=losses, step_s=step_s, attn=attn)
+
+
+def summary(record):
+    """A metrics record in a few words: the log line after its "step N/total", and the progress bar's postfix."""
+    words = [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss_")]
+    if "lr" in record:
+        words += [f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3g}",
+                  f"{record['tokens_per_s']:.0f} tok/s"]
+    words += [f"{k} {v:.0f}" if k == "val_generated" else f"{k} {v:.4f}" for k, v in record.items()
+              if k.startswith("val_") and k not in ("val_s", "val_share")]
+    if "val_s" in record:
+        words.append(f"validation {record['val_s']:.1f} s" + (f" ({100 * record['val_share']:.1f}% of the run so far)"
+                                                                if "val_share" in record else ""))
+    return " | ".join(words)
 
 
 def check_outputs(cfg, state_dir):
