@@ -10,12 +10,20 @@ batch of --rows prompts against --rows single calls; the decode step in ms at ba
 bandwidth); and eval samples/s on a long-tailed mix (--eval_prompts prompts, each opening a K-latent span,
 log-normal answer lengths with median --median_new and P90 4x that, given to each prompt as its
 max_new_tokens; greedy, no stop ids) with static batches of --rows against continuous batching in --rows rows,
-whose outputs must be identical. Step times run from the first to the last step of a generation (no
-prefill), best of --repeats. --loop_file times another copy of latent_loop.py (e.g. the one before a change).
+whose outputs must be identical; and the host's reads of device values per decode step (HostReads: .item(),
+bool(), .tolist(), nonzero, boolean-mask indexing), counted over 32 more steps of a generation. Step times run
+from the first to the last step of a generation (no prefill). Every timed measurement is repeated --repeats
+times with its variants interleaved (A, B, A, B, ...), so that a drift of a shared machine falls on all of them,
+and reported as min / median / max (value: the median), ratios paired within a repeat. --loop_file adds
+another copy of latent_loop.py as variant "before" (e.g. the one before a change; a latent_head.py in the same
+directory is its head, with the same weights), and the paired ratio now / before of each measurement.
 
     OMP_NUM_THREADS=1 python bench_infer.py --mode infer --hidden 128 --compile        # tiny: d=128, 2 layers
     OMP_NUM_THREADS=1 python bench_infer.py --mode infer --shapes small --compile       # d=512, 4 layers
     python bench_infer.py --mode infer --shapes 7b --device cuda --rows 32 --compile    # 7B shapes, random weights
+    mkdir -p /tmp/before && git show HEAD~1:latent_loop.py > /tmp/before/latent_loop.py \
+        && git show HEAD~1:latent_head.py > /tmp/before/latent_head.py
+    OMP_NUM_THREADS=1 python bench_infer.py --mode infer --hidden 128 --loop_file /tmp/before/latent_loop.py
 
 --mode sample: samples/s of difficulty.py's sampler, GAP.generate(num_samples=N) on a batch of prompts -- each
 prompt prefilled once, its KV cache repeated into N decode rows -- against a plain loop of N separate batch-1
@@ -70,7 +78,8 @@ class BenchConfig(tiny.BenchFlags):
                                                               "eval: the answer budget"})
     image_side: int = field(default=56, metadata={"help": "query image side in px (28 px = one image token)"})
     hidden: int = field(default=64, metadata={"help": "tiny model width"})
-    repeats: int = field(default=3, metadata={"help": "timed repeats per variant (the best is reported)"})
+    repeats: int = field(default=3, metadata={"help": "timed repeats per variant (infer: interleaved, min / median / "
+                                                      "max; sample: the best)"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda (train mode: cuda when there is one)"})
     context: int = field(default=1024, metadata={"help": "prompt tokens for the step ratios and the recompute"})
     rows: int = field(default=8, metadata={"help": "decode rows: batched vs one at a time, static vs continuous"})
@@ -78,8 +87,8 @@ class BenchConfig(tiny.BenchFlags):
     median_new: int = field(default=300, metadata={"help": "eval mix: median new tokens (log-normal, P90 = 4x)"})
     new_tokens: int = field(default=64, metadata={"help": "new tokens per row for batched vs one at a time"})
     compile: bool = field(default=False, metadata={"help": "also time the decode step under torch.compile"})
-    loop_file: str = field(default="", metadata={"help": "time this copy of latent_loop.py's decode step instead "
-                                                         "(e.g. git show HEAD~1:latent_loop.py > old.py)"})
+    loop_file: str = field(default="", metadata={"help": "also time this copy of latent_loop.py, interleaved, as "
+                                                         "'before' (e.g. git show HEAD~1:latent_loop.py > old.py)"})
 
 
 class HostReads(TorchDispatchMode):
@@ -227,7 +236,7 @@ def bench_infer(cfg: BenchConfig):
     import importlib.util
 
     import latent_loop
-    from common import atomic_write_text
+    from common import atomic_write_text, attn_implementation
     from latent_head import LatentHead
     from model import add_latent_tokens
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -241,7 +250,6 @@ def bench_infer(cfg: BenchConfig):
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     tokenizer = tiny.build_tokenizer(tiny.corpus_texts())
-    from common import attn_implementation
     attn = attn_implementation() if device.type == "cuda" else "sdpa"
     config = (tiny.tiny_config(tokenizer, cfg.hidden, cfg.layers or 2, attn=attn) if cfg.shapes == "tiny"
               else tiny.shape_config(cfg.shapes, tokenizer, attn, cfg.layers, cfg.vision_depth))
@@ -252,14 +260,24 @@ def bench_infer(cfg: BenchConfig):
     k = min(d, 629)  # the PCA head of the paper: 629 components at 7B
     head = LatentHead("pca", d, basis=dict(P=torch.linalg.qr(torch.randn(d, k))[0], mu=torch.zeros(d),
                                            eigenvalues=torch.ones(k))).to(device)
+    heads = {"now": head}
+    if cfg.loop_file and os.path.exists(os.path.join(os.path.dirname(cfg.loop_file), "latent_head.py")):
+        spec = importlib.util.spec_from_file_location("latent_head_before", os.path.join(
+            os.path.dirname(cfg.loop_file), "latent_head.py"))  # the head of before, with the same weights
+        before = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(before)
+        heads["before"] = before.LatentHead("pca", d, basis={k: getattr(head, k) for k in ("P", "mu", "eigenvalues")})
+        heads["before"].load_state_dict(head.state_dict())
+        heads["before"].to(device)
     words = range(len(tiny.QWEN_SPECIALS), min(ids.values()))  # ordinary tokens: no image, no latent ids
     stop = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    head_of = {loop: heads.get(v, head) for v, loop in loops.items()}
 
     def prompt(n):  # (n,) random ordinary tokens
         return torch.tensor(rng.choices(words, k=n), device=device)
 
     def gen(loop, x, n, **kw):  # n new tokens for unpadded prompts x (B, T), no stop ids
-        return loop.generate(model, head, ids, K, x, torch.ones_like(x), max_new_tokens=n, **kw)
+        return loop.generate(model, head_of[loop], ids, K, x, torch.ones_like(x), max_new_tokens=n, **kw)
 
     def sync():
         if device.type == "cuda":
@@ -267,7 +285,7 @@ def bench_infer(cfg: BenchConfig):
 
     def step_s(loop, x, n, **kw):  # seconds per decode step: from the first to the last of n + 1 steps (no prefill)
         def steps():
-            it = loop.latent_steps(model, head, ids, K, x, torch.ones_like(x), max_new_tokens=n + 1, **kw)
+            it = loop.latent_steps(model, head_of[loop], ids, K, x, torch.ones_like(x), max_new_tokens=n + 1, **kw)
             next(it)  # no stop ids: every step comes as it is done
             sync()
             t0 = time.perf_counter()
@@ -360,7 +378,7 @@ def bench_infer(cfg: BenchConfig):
     #    prefill's reads cancel out: greedy, model latents, a stop id (never sampled here: the checks alone)
     def reads(loop, x, n, **kw):
         with HostReads() as counter:
-            for _ in loop.latent_steps(model, head, ids, K, x, torch.ones_like(x), max_new_tokens=n, **kw):
+            for _ in loop.latent_steps(model, head_of[loop], ids, K, x, torch.ones_like(x), max_new_tokens=n, **kw):
                 pass
         return counter.n
 
@@ -390,14 +408,15 @@ def bench_infer(cfg: BenchConfig):
             for j, it in enumerate(chunk):  # left padding
                 x[j, T - len(it["input_ids"]):], mask[j, T - len(it["input_ids"]):] = it["input_ids"], 1
             longest = max(it["max_new_tokens"] for it in chunk)
-            tokens = loop.generate(model, head, ids, K, x, mask, max_new_tokens=longest)
+            tokens = loop.generate(model, head_of[loop], ids, K, x, mask, max_new_tokens=longest)
             out.update({c + j: tokens[j, :it["max_new_tokens"]] for j, it in enumerate(chunk)})
         return out
 
     for v, loop in loops.items():
         results, rate = {}, {}
         for name, fn in (("static", lambda: static(loop)),
-                         ("continuous", lambda: dict(loop.generate_continuous(model, head, ids, K, items, R)))):
+                         ("continuous", lambda: dict(loop.generate_continuous(model, head_of[loop], ids, K, items,
+                                                                              R)))):
             with HostReads() as counter:
                 t0 = time.perf_counter()
                 results[name] = fn()

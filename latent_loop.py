@@ -545,14 +545,15 @@ COMPILED = {}
 
 def step_function(compile_step, device):
     """decode_step, or with compile_step its torch.compile (CUDA graphs on a GPU; the cache must be static),
-    compiled once per process and shape. Within one generation every step after the first has the shapes of the
+    compiled once per process and shape, as one graph (fullgraph: a graph break is an error, not a silent split
+    that CUDA graphs could not capture; decode_step reads nothing on the host). Within one generation every step after the first has the shapes of the
     first, so the guards that chose the graph then are not evaluated again (on a small model they cost as much
     as the step)."""
     if not compile_step:
         return decode_step
     mode = "reduce-overhead" if device.type == "cuda" else None
     if mode not in COMPILED:
-        COMPILED[mode] = torch.compile(decode_step, mode=mode, dynamic=False)
+        COMPILED[mode] = torch.compile(decode_step, mode=mode, dynamic=False, fullgraph=True)
     calls = []
 
     def step(*args):

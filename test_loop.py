@@ -128,10 +128,12 @@ def test_refilled_rows_equal_solo_generation(gap, mix):
 
 def test_compiled_step_equals_eager(gap, mix, monkeypatch):
     """compile_step (a static cache: attention over every column, guards skipped after the first step) gives
-    the eager loop's tokens and logits. Traced by dynamo with the eager backend: the same graph, no C++ build."""
+    the eager loop's tokens and logits, the step traced as one graph (fullgraph: no host read, no graph break).
+    Traced by dynamo with the eager backend: the same graph, no C++ build."""
     g = gap[0]
     b = mix["batch"]
-    monkeypatch.setitem(latent_loop.COMPILED, None, torch.compile(latent_loop.decode_step, backend="eager"))
+    monkeypatch.setitem(latent_loop.COMPILED, None, torch.compile(latent_loop.decode_step, backend="eager",
+                                                                         fullgraph=True))
     args = (*loop_args(g), b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
     eager = list(latent_loop.latent_steps(*args, max_new_tokens=12, logits=True))
     compiled = list(latent_loop.latent_steps(*args, max_new_tokens=12, compile_step=True, logits=True))
