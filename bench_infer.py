@@ -341,6 +341,13 @@ def bench_infer(cfg: BenchConfig):
             measure(f"decode step ms, batch {r}, compiled", {
                 v: step_s(loop, batch[:r], cfg.new_tokens, compile_step=True, **text) for v, loop in loops.items()},
                 1e3, "ms")
+    # the interval between two reads of the rows' state: with model latents a text row may open a span unseen, so
+    # the loop reads every sync_every steps, and until then runs the latent head as well as the LM head
+    every = latent_loop.Sampling().sync_every  # the default, as variant "now"
+    for r in (1, R):
+        measure(f"decode step ms, batch {r}, model latents", {
+            "now" if n == every else f"sync_every {n}": step_s(latent_loop, batch[:r], cfg.new_tokens, sync_every=n)
+            for n in (every, 1, 2, 32)}, 1e3, "ms")
     if device.type == "cuda":  # batch 1 reads every decoder and LM-head weight once per token
         weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                       if "visual" not in n and "embed_tokens" not in n)

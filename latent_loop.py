@@ -22,10 +22,15 @@ How a batch is generated (`latent_steps`, top to bottom):
      A row that samples a stop id in TEXT is done; later tokens are DONE (-100).
   3. The fed embeddings of all rows go through the decoder as one new column of the cache, each at its row's
      next text position (latent slots are text positions: the same id on the three M-RoPE axes).
-`latent_steps` is a generator that yields a `Step` per step (tokens, logits, fed vectors, positions), so
-tests and tools read what the loop did without flags inside it; `generate` keeps the tokens. The decoding
-settings (max_new_tokens, temperature, top_p, latent_mode, norm_calib, ema_beta, num_samples, stop_ids) are one
-`Sampling` object, or the same names as keywords.
+  4. A step never waits on the device: the host reads the rows' state (Known) only at a check, every
+     `sync_every` steps, where a row may have stopped or opened a span since the last one. Between two checks
+     the LM head and the latent head run where some row may need them, on every row, and each row keeps its own
+     (torch.where); the checks find the step at which every row was done, so the steps are those of a check
+     at every step. Sampling (temperature > 0, noise latents) reads every step: each row draws for itself only.
+`latent_steps` is a generator that yields a `Step` per step (tokens, fed vectors, positions; the logits with
+logits=True), so tests and tools read what the loop did without flags inside it; `generate` keeps the tokens.
+The decoding settings (max_new_tokens, temperature, top_p, latent_mode, norm_calib, ema_beta, num_samples,
+stop_ids, sync_every) are one `Sampling` object, or the same names as keywords.
 
 Continuous batching (`continuous_steps`, `generate_continuous`): the same steps over a list of prompts in a
 fixed number of rows; a row that finishes takes the next prompt (prefilled alone into that row of the cache)
@@ -196,10 +201,8 @@ def latent_steps(model, head, latent_ids, latent_tokens, input_ids, attention_ma
         # 2. choose each row's token by its state
         pick = choose(model, rules, rows, s, known, logits)
         if step == s.max_new_tokens - 1:
-            if held:
-                yield from checked(known, rows, held)
-                if known.ended:
-                    return
+            if held and (yield from checked(known, rows, held)):
+                return
             yield Step(pick.token, pick.logits, rows.slot, None, None)
             return
         # 3. feed it: the token's embedding, or in a span the latent predicted from the previous state
@@ -210,8 +213,7 @@ def latent_steps(model, head, latent_ids, latent_tokens, input_ids, attention_ma
         else:
             yield out
         if known.due(step):
-            yield from checked(known, rows, held)
-            if known.ended:
+            if (yield from checked(known, rows, held)):
                 return
             held.clear()
 
@@ -219,15 +221,14 @@ def latent_steps(model, head, latent_ids, latent_tokens, input_ids, attention_ma
 def checked(known, rows, held):
     """The check of latent_steps: read the rows' state and, for each held step, whether every row was done after
     it (one read); yield the held steps through the first after which every row was done, that one as a last step
-    (nothing fed). known.ended tells whether there was one."""
+    (nothing fed). Returns whether there was one."""
     done = known.read(rows, [d for _, d in held])
-    known.ended = False
     for (step, _), ended in zip(held, done):
         if ended:
-            known.ended = True
             yield replace(step, fed=None, position=None)
-            return
+            return True
         yield step
+    return False
 
 
 def generate(*args, **kwargs):
@@ -275,7 +276,6 @@ class Known:
         self.every = 1 if self.exact else s.sync_every
         self.slot = []  # per row, on the host
         self.unseen = False  # some row sampled text since the last read
-        self.ended = False  # latent_steps: the last check found a step after which every row was done
 
     def read(self, rows: RowState, flags=()):
         """The check: the rows' slots and done flags, and `flags` (device bools), in one read; returns the flags."""
@@ -288,8 +288,14 @@ class Known:
         """The rows moved on one step: a span one slot, a closing row to TEXT, a text row to UNKNOWN (it may have
         opened a span; without spans it stays TEXT, or is done, which its DONE tokens show until the next read)."""
         self.unseen = self.unseen or any(s in (TEXT, UNKNOWN) for s in self.slot)
-        self.slot = [s if s in (DONE, UNKNOWN) else (UNKNOWN if self.spans else TEXT) if s == TEXT
-                     else s + 1 if s < self.K else TEXT for s in self.slot]
+        self.slot = [self.after(s) for s in self.slot]
+
+    def after(self, s):
+        if s in (DONE, UNKNOWN):
+            return s
+        if s == TEXT:
+            return UNKNOWN if self.spans else TEXT
+        return s + 1 if s < self.K else TEXT  # in a span, or closing it
 
     def due(self, step):
         """Read after 0-based `step`? Every `every` steps, where a row may have stopped or opened a span unseen."""
@@ -304,6 +310,7 @@ class Known:
         return [r for r, s in enumerate(self.slot) if 0 <= s < self.K or (s == UNKNOWN and self.spans)]
 
     def all_are(self, test):
+        """Whether every row's known state passes `test` (then no row needs a torch.where)."""
         return all(test(s) for s in self.slot)
 
 
