@@ -97,7 +97,8 @@ class HostReads(TorchDispatchMode):
     boolean-mask indexing) and Tensor.tolist(). On a CPU nothing waits, but on a GPU each one stalls the host until
     the device has caught up, and none can be captured in a CUDA graph. `n` counts them, `ops` by name."""
     SHAPED = {"aten.nonzero.default", "aten.masked_select.default", "aten.unique_dim.default", "aten._unique2.default"}
-    INDEXED = {"aten.index.Tensor", "aten.index_put_.default", "aten.index_put.default", "aten._index_put_impl_.default"}
+    INDEXED = {"aten.index.Tensor", "aten.index_put_.default", "aten.index_put.default",
+               "aten._index_put_impl_.default"}
 
     def __init__(self):
         super().__init__()

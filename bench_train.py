@@ -212,8 +212,8 @@ def bench_train(cfg: BenchConfig):
         print(f"shapes={cfg.shapes}: d={t.hidden_size} layers={t.num_hidden_layers} vocab={t.vocab_size} "
               f"vision depth={config.vision_config.depth}, {cfg.examples} examples/step/rank, K={cfg.latent_tokens}, "
               f"{world_note}, grad_ckpt={cfg.grad_ckpt}, device={device}, peak {peak / 1e12:.2f} TFLOP/s ({peak_note})")
-        print(f"{'attention':<18}{'layout':<8}{'rows':>5}{'pad %':>7}{'step s':>9}{'tokens/s':>11}{'MFU %':>7}{'peak GiB':>10}"
-              f"  step s min-max")
+        print(f"{'attention':<18}{'layout':<8}{'rows':>5}{'pad %':>7}{'step s':>9}{'tokens/s':>11}{'MFU %':>7}"
+              f"{'peak GiB':>10}  step s min-max")
         for r in rows:
             r["mfu"] = r["flops_per_s"] / (peak * world)
             print(f"{r['attn']:<18}{r['layout']:<8}{r['rows']:>5}{100 * (1 - r['tokens'] / r['slots']):>7.1f}"

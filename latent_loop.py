@@ -341,9 +341,11 @@ def choose(model, rules, rows: RowState, s: Sampling, known: Known, keep_logits=
             token = sampled
         else:
             token = torch.where(text, sampled, token)
-        if keep_logits:  # an (R, V) tensor per step: only on request
-            logits = (h_last.new_full((R, rules.vocab), float("nan"), dtype=torch.float32).index_copy_(
-                0, torch.tensor(may, device=h_last.device), lg) if some else lg.masked_fill(~text[:, None], float("nan")))
+        if keep_logits and some:  # an (R, V) tensor per step: only on request
+            logits = h_last.new_full((R, rules.vocab), float("nan"), dtype=torch.float32)
+            logits[may] = lg
+        elif keep_logits:
+            logits = lg.masked_fill(~text[:, None], float("nan"))
     if keep_logits and logits is None:
         logits = h_last.new_full((R, rules.vocab), float("nan"), dtype=torch.float32)
     token = torch.where(rows.done, DONE, token)
@@ -553,9 +555,9 @@ COMPILED = {}
 def step_function(compile_step, device):
     """decode_step, or with compile_step its torch.compile (CUDA graphs on a GPU; the cache must be static),
     compiled once per process and shape, as one graph (fullgraph: a graph break is an error, not a silent split
-    that CUDA graphs could not capture; decode_step reads nothing on the host). Within one generation every step after the first has the shapes of the
-    first, so the guards that chose the graph then are not evaluated again (on a small model they cost as much
-    as the step)."""
+    that CUDA graphs could not capture; decode_step reads nothing on the host). Within one generation every step
+    after the first has the shapes of the first, so the guards that chose the graph then are not evaluated again
+    (on a small model they cost as much as the step)."""
     if not compile_step:
         return decode_step
     mode = "reduce-overhead" if device.type == "cuda" else None

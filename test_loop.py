@@ -322,7 +322,8 @@ def test_no_square_mask_and_no_logits_unless_needed(gap, mix):
             out = func(*args, **(kwargs or {}))
             if isinstance(out, torch.Tensor) and out.dtype == torch.bool and out.ndim >= 2:
                 self.square.add(out.shape[-1] if out.shape[-1] == out.shape[-2] else 0)
-            self.nan += ("fill" in str(func) or "full" in str(func)) and any(isinstance(a, float) and a != a for a in args)
+            nan = any(isinstance(a, float) and a != a for a in args)
+            self.nan += nan and ("fill" in str(func) or "full" in str(func))
             return out
 
     def made(ids, mask, pv, grid, **kw):
