@@ -3,7 +3,9 @@
 --mode train (default): tokens/s, model FLOPs utilization (MFU) and peak memory of the training step train.py runs
 (step.train_step: GAP.forward, the micro-steps with gradient sync on the last, global normalization, clip, AdamW;
 wrapped by step.wrap as train.py wraps it) on ready micro-batches, padded micro-batches against packed rows on the
-same length mix, for each attention backend that is available.
+same length mix, for each attention backend that is available. The two layouts' steps alternate (padded, packed,
+padded, ...), so that a drift of a shared machine falls on both; the median step is reported, with min / max and
+the per-pair ratio.
 
     python bench_train.py                                   # tiny shapes on the CPU (what the README reports)
     python bench_train.py --shapes small                    # a mid-size model that still runs on a CPU
@@ -57,7 +59,8 @@ class BenchConfig(tiny.BenchFlags):
     examples: int = field(default=16, metadata={"help": "examples per optimizer step (per rank)"})
     micro_batch: int = field(default=4, metadata={"help": "examples per padded forward"})
     pack_len: int = field(default=0, metadata={"help": "tokens per packed row (0: the longest example, rounded up)"})
-    steps: int = field(default=4, metadata={"help": "timed steps per setting"})
+    steps: int = field(default=4, metadata={"help": "timed steps per layout, padded and packed in turn (the median "
+                                                    "is reported)"})
     warmup: int = field(default=1, metadata={"help": "untimed steps first (allocator, kernels)"})
     attn: str = field(default="sdpa,flash_attention_2", metadata={"help": "backends to try, comma-separated"})
     fsdp: bool = field(default=False, metadata={"help": "wrap with FSDP2 as train.py --fsdp does (bf16 on GPU)"})
@@ -154,23 +157,29 @@ def run(cfg: BenchConfig, attn, rank, world, device, tokenizer):
                           for j in range(0, len(items), cfg.micro_batch)],
                "packed": [collate_packed(r) for r in pack(items, pack_len)]}
     flops, real = model_flops(config, items), sum(len(it["input_ids"]) for it in items)
+    times, peaks = {name: [] for name in layouts}, {name: 0.0 for name in layouts}
+    for s in range(cfg.warmup + cfg.steps):
+        for name, micro in layouts.items():  # interleaved: a drift of a shared machine falls on both layouts alike
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            train_step(model, gap, opt, micro, device, world, bf16=bf16, fsdp=cfg.fsdp)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if s >= cfg.warmup:
+                times[name].append(time.perf_counter() - t0)
+                peaks[name] = max(peaks[name], peak_memory(device))
     results = []
     for name, micro in layouts.items():
-        slots = sum(mb["input_ids"].numel() for mb in micro)
-        for s in range(cfg.warmup + cfg.steps):
-            if s == cfg.warmup:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.perf_counter()
-            train_step(model, gap, opt, micro, device, world, bf16=bf16, fsdp=cfg.fsdp)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / cfg.steps
+        ts = sorted(times[name])
+        dt = ts[len(ts) // 2]  # the median step
         results.append(dict(attn=attn, layout=name, rows=len(micro), pack_len=pack_len if name == "packed" else 0,
-                            tokens=real, slots=slots,
-                            tokens_per_s=real * world / dt, step_s=dt, flops_per_s=flops * world / dt,
-                            peak_mem_gib=peak_memory(device)))
+                            tokens=real, slots=sum(mb["input_ids"].numel() for mb in micro),
+                            tokens_per_s=real * world / dt, step_s=dt, step_s_min=ts[0], step_s_max=ts[-1],
+                            flops_per_s=flops * world / dt, peak_mem_gib=peaks[name],
+                            # packed / padded tokens/s of each step pair (the padded step ran just before)
+                            speedups=[a / b for a, b in zip(times["padded"], times["packed"])]))
     del model, gap, opt, backbone
     return results, config
 
@@ -203,14 +212,19 @@ def bench_train(cfg: BenchConfig):
         print(f"shapes={cfg.shapes}: d={t.hidden_size} layers={t.num_hidden_layers} vocab={t.vocab_size} "
               f"vision depth={config.vision_config.depth}, {cfg.examples} examples/step/rank, K={cfg.latent_tokens}, "
               f"{world_note}, grad_ckpt={cfg.grad_ckpt}, device={device}, peak {peak / 1e12:.2f} TFLOP/s ({peak_note})")
-        print(f"{'attention':<18}{'layout':<8}{'rows':>5}{'pad %':>7}{'step s':>9}{'tokens/s':>11}{'MFU %':>7}{'peak GiB':>10}")
+        print(f"{'attention':<18}{'layout':<8}{'rows':>5}{'pad %':>7}{'step s':>9}{'tokens/s':>11}{'MFU %':>7}"
+              f"{'peak GiB':>10}  step s min-max")
         for r in rows:
             r["mfu"] = r["flops_per_s"] / (peak * world)
             print(f"{r['attn']:<18}{r['layout']:<8}{r['rows']:>5}{100 * (1 - r['tokens'] / r['slots']):>7.1f}"
-                  f"{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}{100 * r['mfu']:>7.1f}{r['peak_mem_gib']:>10.2f}")
+                  f"{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}{100 * r['mfu']:>7.1f}{r['peak_mem_gib']:>10.2f}"
+                  f"  {r['step_s_min']:.3f}-{r['step_s_max']:.3f}")
         for attn in {r["attn"] for r in rows}:
             by = {r["layout"]: r for r in rows if r["attn"] == attn}
-            print(f"{attn}: packed rows of at most {by['packed']['pack_len']} tokens; packed / padded tokens/s = {by['packed']['tokens_per_s'] / by['padded']['tokens_per_s']:.2f}x")
+            pairs = sorted(by["packed"]["speedups"])
+            print(f"{attn}: packed rows of at most {by['packed']['pack_len']} tokens; packed / padded tokens/s = "
+                  f"{by['packed']['tokens_per_s'] / by['padded']['tokens_per_s']:.2f}x (median steps); per step pair "
+                  f"min / median / max {pairs[0]:.2f} / {pairs[len(pairs) // 2]:.2f} / {pairs[-1]:.2f}x")
         if cfg.out:
             atomic_write_text(cfg.out, json.dumps(dict(config=dataclasses.asdict(cfg), peak=peak, peak_note=peak_note,
                                                        world=world, device=str(device), rows=rows), indent=2) + "\n")

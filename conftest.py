@@ -138,7 +138,7 @@ def sampled_and_recomputed(g, batch, bias, seed):
     with biased(g.backbone, g.start_id, bias):
         steps = list(latent_loop.latent_steps(g.backbone, g.head, g.latent_ids, g.latent_tokens, batch["input_ids"],
                                               batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
-                                              max_new_tokens=32, temperature=1.0,
+                                              max_new_tokens=32, temperature=1.0, logits=True,
                                               generator=torch.Generator().manual_seed(seed)))
         fed = [s for s in steps if s.fed is not None]
         out = dict(tokens=torch.stack([s.token for s in steps], 1), logits=torch.stack([s.logits for s in steps], 1),

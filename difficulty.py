@@ -65,6 +65,9 @@ class DifficultyConfig:
                                                                   "next one) | static (fixed chunks); the same "
                                                                   "output, continuous is faster on long tails",
                                                           "choices": ["continuous", "static"]})
+    sync_every: int = field(default=8, metadata={"help": "decode steps between two reads of the rows' state (stop "
+                                                         "checks; sampling reads every step); the output does not "
+                                                         "depend on it", "range": (1, None)})
     seed: int = field(default=0, metadata={"help": "sampling seed; sample j of an example draws from (seed, id, j)"})
     tau: float = field(default=0.0, metadata={"help": "summary: accuracy <= tau gets latent supervision (eq. 4)"})
     image_min_pixels: int = field(default=0, metadata={"help": "query-image min pixels (0: processor's)"})

@@ -76,6 +76,9 @@ class InferConfig:
                                                                   "the next example) | static (fixed chunks); the "
                                                                   "same results, continuous is faster on long tails",
                                                           "choices": ["continuous", "static"]})
+    sync_every: int = field(default=8, metadata={"help": "decode steps between two reads of the rows' state (stop "
+                                                         "checks); the results do not depend on it (README "
+                                                         "\"Inference speed\")", "range": (1, None)})
     seed: int = field(default=0, metadata={"help": "sampling seed (noise latents, temperature > 0); batch mode: "
                                                     "each example's generator is (seed, its id)"})
     skip_bad: bool = field(default=False, metadata={"help": "batch mode: skip and count bad examples"})
@@ -125,31 +128,34 @@ class Runner:
     def answer_continuous(self, items, generators=None):
         """Yield (index, response, seconds) for each of a list of encode_prompt() items as it finishes, decoded by
         continuous batching in --batch_size rows; generators: one per item (else the runner's one). seconds: from
-        the end of the step before its prefill to the step that chose its last token, plus decoding its text."""
+        the end of the step before its prefill to the step after which the loop saw it finish (a stop id is seen
+        at the next read of the rows' state: up to --sync_every - 1 steps later), plus decoding its text."""
         # on the CPU until a row takes them (continuous_steps moves each prompt to the device at its prefill)
         prompts = [{k: it[k] for k in ("input_ids", "pixel_values", "image_grid_thw")} for it in items]
         steps = self.gap.continuous_steps(prompts, min(self.cfg.batch_size, len(items)), self.sampling,
                                           generator=generators or self.generator)
-        holding, tokens, began = {}, {}, {}  # row -> its item; item -> its tokens, the time its prefill began
+        # row -> its item; item -> the (R,) tokens of each step it held its row, the time its prefill began
+        holding, tokens, began = {}, {}, {}
 
-        def finished(i, end):
+        def finished(r, i, end):  # an item's tokens are read once, as it finishes (decode stops at the first DONE)
             t0 = time.perf_counter()
-            response = self.gap.decode(self.tokenizer, torch.tensor(tokens.pop(i)))
+            response = self.gap.decode(self.tokenizer, torch.stack(tokens.pop(i))[:, r].cpu())
             return i, response, end - began.pop(i) + time.perf_counter() - t0
 
         before = time.perf_counter()  # the end of the step before (here: before the first prefill)
         for step, job in steps:
             now = time.perf_counter()
-            for r, (i, t) in enumerate(zip(job.tolist(), step.token.tolist())):
+            for r, i in enumerate(job.tolist()):  # job is on the CPU
                 if holding.get(r, -1) not in (-1, i):  # the row moved on: its item's last token was chosen before
-                    yield finished(holding[r], before)
+                    yield finished(r, holding[r], before)
                 holding[r] = i
                 if i >= 0:
                     began.setdefault(i, before)
-                    tokens.setdefault(i, []).append(t)
+                    tokens.setdefault(i, []).append(step.token)
             before = now
-        for i in list(tokens):
-            yield finished(i, before)
+        for r, i in holding.items():
+            if i in tokens:
+                yield finished(r, i, before)
 
     def encode(self, image, question, id="0"):
         """One prompt (an RGB image, data.to_rgb, and the question) as a collate()-able item; a DataError when the

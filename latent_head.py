@@ -90,8 +90,9 @@ class LatentHead(nn.Module):
         if x.shape[-1] != dim:
             raise ValueError(f"LatentHead.{what}: expected (..., {dim}), got {tuple(x.shape)}")
         # the head is small and its outputs are fed back as inputs: keep it in fp32 even when the backbone is bf16.
-        # A cast (module.to, FSDP's mixed precision) changes every tensor alike, so one of each kind tells; this
-        # runs on every call of a decode step, where scanning all of them cost a third of the head's time
+        # A cast (module.to, FSDP's mixed precision) changes every tensor alike, so one of each kind tells. Checked
+        # once per public call (a decode step calls forward once): the checks and autocast contexts cost more than
+        # the head's matmuls at small widths
         for name, t in filter(None, (next(self.named_parameters(), None), next(self.named_buffers(), None))):
             if t.dtype != torch.float32:
                 raise TypeError(f"LatentHead.{name} is {t.dtype}; the head must stay fp32 "
@@ -110,12 +111,12 @@ class LatentHead(nn.Module):
     def forward(self, h_bar: torch.Tensor) -> torch.Tensor:
         """h_bar (..., d), any float dtype -> next latent input v_hat (..., d) fp32."""
         x = self._fp32(h_bar, self.d, "forward")  # (..., d)
-        if self.kind == "pca":
-            return self.reconstruct(self.coefficients(x))  # eq. 1: P_k c + mu
-        if self.kind == "full":
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                return self.mlp(x)
-        return x  # hidden: output-as-input
+        if self.kind == "hidden":
+            return x  # output-as-input
+        with torch.autocast(device_type=x.device.type, enabled=False):  # one context for the whole head
+            if self.kind == "pca":
+                return (self.W(x + self.A(x))) @ self.P.T + self.mu  # eq. 1: P_k c + mu
+            return self.mlp(x)
 
     def _require_basis(self, what: str):
         if self.k is None:

@@ -22,10 +22,15 @@ How a batch is generated (`latent_steps`, top to bottom):
      A row that samples a stop id in TEXT is done; later tokens are DONE (-100).
   3. The fed embeddings of all rows go through the decoder as one new column of the cache, each at its row's
      next text position (latent slots are text positions: the same id on the three M-RoPE axes).
-`latent_steps` is a generator that yields a `Step` per step (tokens, logits, fed vectors, positions), so
-tests and tools read what the loop did without flags inside it; `generate` keeps the tokens. The decoding
-settings (max_new_tokens, temperature, top_p, latent_mode, norm_calib, ema_beta, num_samples, stop_ids) are one
-`Sampling` object, or the same names as keywords.
+  4. A step never waits on the device: the host reads the rows' state (Known) only at a check, every
+     `sync_every` steps, where a row may have stopped or opened a span since the last one. Between two checks
+     the LM head and the latent head run where some row may need them, on every row, and each row keeps its own
+     (torch.where); the checks find the step at which every row was done, so the steps are those of a check
+     at every step. Sampling (temperature > 0, noise latents) reads every step: each row draws for itself only.
+`latent_steps` is a generator that yields a `Step` per step (tokens, fed vectors, positions; the logits with
+logits=True), so tests and tools read what the loop did without flags inside it; `generate` keeps the tokens.
+The decoding settings (max_new_tokens, temperature, top_p, latent_mode, norm_calib, ema_beta, num_samples,
+stop_ids, sync_every) are one `Sampling` object, or the same names as keywords.
 
 Continuous batching (`continuous_steps`, `generate_continuous`): the same steps over a list of prompts in a
 fixed number of rows; a row that finishes takes the next prompt (prefilled alone into that row of the cache)
@@ -103,9 +108,13 @@ class Sampling:
     ema_beta: float = 0.0  # norm_calib ema: 0 the mean norm of the whole image, else an EMA with this beta
     num_samples: int = 1  # N rows per prompt, one prefill (difficulty.py's N samples)
     stop_ids: tuple = ()  # a row that samples one of these in TEXT is done
+    sync_every: int = 8  # steps between two reads of the rows' state (the stop checks, Known); the steps between
+    #                      never wait on the device. The results do not depend on it; sampling reads every step
 
     def __post_init__(self):
         check_modes(self.latent_mode, self.norm_calib)
+        if self.sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
         object.__setattr__(self, "stop_ids", tuple(int(t) for t in self.stop_ids))
 
     @classmethod
@@ -124,8 +133,8 @@ def settings(sampling, overrides):
 class Step:
     """What one step did, for each of the R decode rows."""
     token: torch.Tensor  # (R,) recorded token: sampled text, <|latent_pad|>, <|latent_end|>, or DONE once done
-    logits: torch.Tensor  # (R, V) fp32 logits the text token was sampled from (banned ids at -inf); NaN in rows
-    #                       that sampled nothing (inside a span, closing it, done): the LM head runs on TEXT rows only
+    logits: torch.Tensor | None  # (R, V) fp32 logits the text token was sampled from (banned ids at -inf), NaN in
+    #                              rows that sampled nothing (in a span, closing it, done); only with logits=True
     slot: torch.Tensor  # (R,) the row's state when the token was chosen: TEXT, 0..K-1 in a span, K closing
     fed: torch.Tensor | None  # (R, D) input embedding fed for this token (a latent in a span); None at the last step
     position: torch.Tensor | None  # (3, R) M-RoPE position it was fed at; None at the last step
@@ -145,7 +154,7 @@ class RowState:
 @torch.no_grad()
 def latent_steps(model, head, latent_ids, latent_tokens, input_ids, attention_mask, pixel_values=None,
                  image_grid_thw=None, sampling: Sampling = None, *, generator=None, compile_step=False, given=None,
-                 **overrides):
+                 logits=False, **overrides):
     """Yield one Step per generated token of a batch of left-padded prompts input_ids / attention_mask (B, T).
     latent_ids: {start, pad, end}; latent_tokens: K (0: no spans, <|latent_start|> banned). sampling: a Sampling,
     or its fields as keywords (max_new_tokens=..., temperature=...). Latent modes: model | zero
@@ -153,7 +162,10 @@ def latent_steps(model, head, latent_ids, latent_tokens, input_ids, attention_ma
     fed instead, slot k of every span of prompt b getting given[b, k] (the content controls: another example's
     latents, or the true aux-image targets); the row still opens spans itself.
     generator: one torch.Generator, or a list of one per row (module docstring, "Sampling").
-    compile_step: the decoder step through torch.compile (README "Inference speed" says where it is faster)."""
+    compile_step: the decoder step through torch.compile (README "Inference speed" says where it is faster).
+    logits: also keep each step's logits (Step.logits, an (R, V) fp32 tensor per step; else None).
+    With stop ids the steps come in groups of up to sync_every, at the checks that tell whether every row is
+    done; a group ends with the step at which the last row stopped, as if each step had been checked."""
     s = settings(sampling, overrides)
     if (s.latent_mode == "given") != (given is not None):
         raise ValueError("latent_mode='given' and the `given` latents (B, K, D) go together")
@@ -173,7 +185,7 @@ def latent_steps(model, head, latent_ids, latent_tokens, input_ids, attention_ma
         raise ValueError(f"{len(generator)} generators for {n_rows} rows: give one per row, or one shared")
     cache = KVCache(model, n_rows, input_ids.shape[1] + s.max_new_tokens, static=compile_step)
     # 1. prefill, each prompt once (its cache written into its N rows)
-    h_last, next_pos, n_ema = prefill(model, cache, cache.row, input_ids, attention_mask, pixel_values,
+    h_last, next_pos, n_ema = prefill(model, cache, slice(0, n_rows), input_ids, attention_mask, pixel_values,
                                       image_grid_thw, latent_ids["pad"], s.ema_beta if s.norm_calib == "ema" else None)
     slot = torch.where(input_ids[:, -1] == latent_ids["start"], 0, TEXT)  # a prompt may end inside a span
     rows = RowState(*(x.repeat_interleave(N, dim=0) for x in (h_last, next_pos, slot)),
@@ -181,17 +193,42 @@ def latent_steps(model, head, latent_ids, latent_tokens, input_ids, attention_ma
                     n_ema=n_ema.repeat_interleave(N) if n_ema is not None else None, generator=generator)
     given = given.repeat_interleave(N, dim=0).to(h_last.device) if given is not None else None
     rules = Rules(model, latent_ids, latent_tokens, s.latent_mode, s.stop_ids)
+    known = Known(rules, s)
+    known.read(rows)  # the prompts' states, once before the first step
     step_fn = step_function(compile_step, h_last.device)
+    held = []  # with stop ids: the steps since the last check, each with whether every row was done after it
     for step in range(s.max_new_tokens):
         # 2. choose each row's token by its state
-        pick = choose(model, rules, rows, s)
-        if bool(rows.done.all()) or step == s.max_new_tokens - 1:
+        pick = choose(model, rules, rows, s, known, logits)
+        if step == s.max_new_tokens - 1:
+            if held and (yield from checked(known, rows, held)):
+                return
             yield Step(pick.token, pick.logits, rows.slot, None, None)
             return
         # 3. feed it: the token's embedding, or in a span the latent predicted from the previous state
-        out = advance(model, head, rules, rows, pick, s, given)
-        yield out
-        rows.h_last = step_fn(model, cache, out.fed, out.position)
+        out = advance(model, head, rules, rows, pick, s, known, given)
+        rows.h_last = step_fn(model, cache, out.fed, out.position, cache.columns())
+        if known.stops:
+            held.append((out, rows.done.all()))
+        else:
+            yield out
+        if known.due(step):
+            if (yield from checked(known, rows, held)):
+                return
+            held.clear()
+
+
+def checked(known, rows, held):
+    """The check of latent_steps: read the rows' state and, for each held step, whether every row was done after
+    it (one read); yield the held steps through the first after which every row was done, that one as a last step
+    (nothing fed). Returns whether there was one."""
+    done = known.read(rows, [d for _, d in held])
+    for (step, _), ended in zip(held, done):
+        if ended:
+            yield replace(step, fed=None, position=None)
+            return True
+        yield step
+    return False
 
 
 def generate(*args, **kwargs):
@@ -215,73 +252,157 @@ class Rules:
         self.start, self.pad, self.end = latent_ids["start"], latent_ids["pad"], latent_ids["end"]
         # the loop writes pad / end itself; <|latent_start|> is banned where no span may open
         ban_start = latent_tokens == 0 or latent_mode == "zero"
+        self.spans = not ban_start  # a text row may open a span
         self.banned = torch.tensor([self.pad, self.end] + [self.start] * ban_start, device=device)
         self.stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
         self.vocab = model.get_input_embeddings().num_embeddings
 
 
+UNKNOWN = -2  # Known: a row that sampled text since the last read (it may have stopped or opened a span)
+
+
+class Known:
+    """What the host knows of each row's state without reading the device, so that a step between two reads never
+    waits on it: per row TEXT, a slot 0..K, DONE or UNKNOWN, as read at the last check and advanced by the rules
+    that need no token (a span moves one slot per step, closing it returns to TEXT). A row that samples text may
+    stop or open a span, so it is UNKNOWN until the next read. choose() and feed() run the LM head / the latent
+    head only where some row may need them, on every row, and keep each row's own on the device (torch.where).
+    Sampling (temperature > 0, noise latents) must draw for exactly the rows that sample -- a row's generator
+    advances with its own draws only, so that its tokens do not depend on the batch -- so it reads every step."""
+
+    def __init__(self, rules, s: Sampling):
+        self.K, self.spans, self.stops = rules.K, rules.spans, bool(s.stop_ids)
+        self.exact = s.temperature > 0 or s.latent_mode == "noise"  # draws: the host must know the rows exactly
+        self.every = 1 if self.exact else s.sync_every
+        self.slot = []  # per row, on the host
+        self.unseen = False  # some row sampled text since the last read
+
+    def read(self, rows: RowState, flags=()):
+        """The check: the rows' slots and done flags, and `flags` (device bools), in one read; returns the flags."""
+        state = torch.where(rows.done, DONE, rows.slot)
+        values = torch.cat([state, torch.stack(list(flags)).long()]).tolist() if flags else state.tolist()
+        self.slot, self.unseen = values[:len(state)], False
+        return [bool(v) for v in values[len(state):]]
+
+    def step(self):
+        """The rows moved on one step: a span one slot, a closing row to TEXT, a text row to UNKNOWN (it may have
+        opened a span; without spans it stays TEXT, or is done, which its DONE tokens show until the next read)."""
+        self.unseen = self.unseen or any(s in (TEXT, UNKNOWN) for s in self.slot)
+        self.slot = [self.after(s) for s in self.slot]
+
+    def after(self, s):
+        if s in (DONE, UNKNOWN):
+            return s
+        if s == TEXT:
+            return UNKNOWN if self.spans else TEXT
+        return s + 1 if s < self.K else TEXT  # in a span, or closing it
+
+    def due(self, step):
+        """Read after 0-based `step`? Every `every` steps, where a row may have stopped or opened a span unseen."""
+        return self.unseen and (self.spans or self.stops) and (step + 1) % self.every == 0
+
+    def may_sample(self):
+        """The rows that may sample text this step (a host list)."""
+        return [r for r, s in enumerate(self.slot) if s in (TEXT, UNKNOWN)]
+
+    def may_be_in_span(self):
+        """The rows that may be inside a span this step (a host list)."""
+        return [r for r, s in enumerate(self.slot) if 0 <= s < self.K or (s == UNKNOWN and self.spans)]
+
+    def all_are(self, test):
+        """Whether every row's known state passes `test` (then no row needs a torch.where)."""
+        return all(test(s) for s in self.slot)
+
+
 @dataclass
 class Choice:
     token: torch.Tensor  # (R,) the token each row records
-    logits: torch.Tensor  # (R, V) what a TEXT row sampled from (NaN elsewhere)
+    logits: torch.Tensor | None  # (R, V) what a TEXT row sampled from (NaN elsewhere); with logits=True only
     in_span: torch.Tensor  # (R,) bool: the row is inside a span (its token is <|latent_pad|>)
     closing: torch.Tensor  # (R,) bool: the row closes its span (<|latent_end|>)
 
 
-def choose(model, rules, rows: RowState, s: Sampling):
-    """Each row's token by its state (module docstring, 2); the LM head runs only on rows in TEXT that are not
-    done. Marks the rows that sampled a stop id done."""
-    slot, h_last = rows.slot, rows.h_last
+def choose(model, rules, rows: RowState, s: Sampling, known: Known, keep_logits=False):
+    """Each row's token by its state (module docstring, 2); marks the rows that sampled a stop id done. The LM head
+    runs only if some row may sample text (Known): greedy, on every row, each text row keeping its token (no read);
+    sampling, on exactly the rows that sample, which the host knows."""
+    slot, h_last, R = rows.slot, rows.h_last, len(rows.slot)
     in_span, closing = (slot >= 0) & (slot < rules.K), slot == rules.K
-    text = (slot == TEXT) & ~rows.done
-    if bool(text.all()):
-        logits = model.lm_head(h_last).float().index_fill_(1, rules.banned, float("-inf"))  # (R, V)
-        token = sample(logits, s.temperature, s.top_p, rows.generator)
-    else:
-        logits = h_last.new_full((len(slot), rules.vocab), float("nan"), dtype=torch.float32)
-        token = torch.where(in_span, rules.pad, rules.end)  # (R,): pad in a span, end closing it, DONE below
-        if bool(text.any()):
-            some = model.lm_head(h_last[text]).float().index_fill_(1, rules.banned, float("-inf"))
-            logits[text], token[text] = some, sample(some, s.temperature, s.top_p, rows_of(rows.generator, text))
+    text = (slot == TEXT) & ~rows.done  # (R,)
+    token = torch.where(in_span, rules.pad, rules.end)  # (R,): pad in a span, end closing it, DONE below
+    may, logits = known.may_sample(), None
+    if may:
+        some = s.temperature > 0 and len(may) < R  # draws for these rows only (a host list: Known.exact)
+        lg = model.lm_head(h_last[may] if some else h_last).float().index_fill_(1, rules.banned, float("-inf"))
+        sampled = sample(lg, s.temperature, s.top_p, rows_of(rows.generator, may) if some else rows.generator)
+        if some:
+            token[may] = sampled
+        elif known.all_are(lambda x: x == TEXT):  # every row samples (or is done: DONE below)
+            token = sampled
+        else:
+            token = torch.where(text, sampled, token)
+        if keep_logits and some:  # an (R, V) tensor per step: only on request
+            logits = h_last.new_full((R, rules.vocab), float("nan"), dtype=torch.float32)
+            logits[may] = lg
+        elif keep_logits:
+            logits = lg.masked_fill(~text[:, None], float("nan"))
+    if keep_logits and logits is None:
+        logits = h_last.new_full((R, rules.vocab), float("nan"), dtype=torch.float32)
     token = torch.where(rows.done, DONE, token)
-    rows.done = rows.done | (text & torch.isin(token, rules.stop))
+    if known.stops:
+        rows.done = rows.done | (text & torch.isin(token, rules.stop))
     return Choice(token, logits, in_span, closing)
 
 
-def advance(model, head, rules, rows: RowState, pick: Choice, s: Sampling, given=None):
+def advance(model, head, rules, rows: RowState, pick: Choice, s: Sampling, known: Known, given=None):
     """The step of the chosen tokens: what each row is fed (its token's embedding, or in a span the latent from
     its previous state; `given` (R, K, D): those latents instead), at which position. The rows' slots and
-    positions move on. Returns the Step; the caller runs the decoder on step.fed."""
-    fed = feed(model, head, pick.token, rows.h_last, pick.in_span, s.latent_mode, rows.n_ema, rows.generator)
-    if given is not None and bool(pick.in_span.any()):  # the caller's latents, slot by slot
-        fed[pick.in_span] = given[pick.in_span, rows.slot[pick.in_span]].to(fed.dtype)
+    positions move on, on the device and in `known`. Returns the Step; the caller runs the decoder on step.fed."""
+    fed = feed(model, head, rows, pick, s, known, given)
     step = Step(pick.token, pick.logits, rows.slot, fed, rows.next_pos.expand(3, len(rows.slot)))  # position (3, R)
     rows.slot = next_slot(rules, rows.slot, pick.token, pick.in_span, pick.closing)
     rows.next_pos = rows.next_pos + 1
+    known.step()
     return step
 
 
-def feed(model, head, token, h_last, in_span, latent_mode, n_ema, generator):
-    """The input embedding of each row's token (R, D), or in a span the latent from the previous state."""
+def feed(model, head, rows: RowState, pick: Choice, s: Sampling, known: Known, given=None):
+    """The input embedding of each row's token (R, D), or in a span its latent. The latent head runs only if some
+    row may be inside a span (Known): on every row, each row in a span keeping its latent (no read); noise latents
+    are drawn for exactly the rows in a span, which the host then knows."""
     embedding = model.get_input_embeddings()
-    if bool(in_span.all()):  # every row in a span (as at batch 1): no token embeddings, no row selection
-        v = latent_vectors(head, h_last, latent_mode, generator)
-        return (calibrate(v, n_ema) if n_ema is not None else v).to(embedding.weight.dtype)
-    fed = embedding(token.clamp(min=0))  # (R, D)
-    if bool(in_span.any()):
-        v = latent_vectors(head, h_last[in_span], latent_mode, rows_of(generator, in_span))
-        if n_ema is not None:
-            v = calibrate(v, n_ema[in_span])
-        fed[in_span] = v.to(fed.dtype)
-    return fed
+    may, R = known.may_be_in_span(), len(rows.slot)
+    if not may:
+        return embedding(pick.token.clamp(min=0))
+    some = s.latent_mode == "noise" and len(may) < R  # draws for these rows only (a host list: Known.exact)
+    v = latents(head, rows, s.latent_mode, given, may if some else None)  # (R or len(may), D) fp32
+    if known.all_are(lambda x: 0 <= x < known.K):  # every row in a span (as at batch 1): no token embeddings
+        return v.to(embedding.weight.dtype)
+    fed = embedding(pick.token.clamp(min=0))  # (R, D)
+    if some:
+        fed[may] = v.to(fed.dtype)
+        return fed
+    return torch.where(pick.in_span[:, None], v.to(fed.dtype), fed)
+
+
+def latents(head, rows: RowState, latent_mode, given=None, sel=None):
+    """The vectors fed at latent slots, fp32: of every row, or of the rows `sel` (a host list): head(h_bar), the
+    head's Gaussian latents (noise), or given[r, slot] (given); calibrated to the row's image norm with n_ema."""
+    if latent_mode == "given":  # slot k of a span gets given[r, k]; rows outside a span read slot 0, unused
+        return given[torch.arange(len(given), device=given.device), rows.slot.clamp(0, given.shape[1] - 1)]
+    h = rows.h_last if sel is None else rows.h_last[sel]
+    v = latent_vectors(head, h, latent_mode, rows.generator if sel is None else rows_of(rows.generator, sel))
+    if rows.n_ema is None:
+        return v
+    return calibrate(v, rows.n_ema if sel is None else rows.n_ema[sel])
 
 
 def rows_of(generator, rows):
-    """The generator of the rows selected by `rows` (R,) bool: a shared one as it is; from a list of one per
-    row, the selected rows' own, in order."""
+    """The generator of the rows `rows` (a host list): a shared one as it is; from a list of one per row, the
+    selected rows' own, in order."""
     if not isinstance(generator, (list, tuple)):
         return generator
-    return [generator[r] for r in rows.nonzero()[:, 0].tolist()]
+    return [generator[r] for r in rows]
 
 
 def next_slot(rules, slot, token, in_span, closing):
@@ -298,7 +419,8 @@ class KVCache:
     written at column length[r], and valid (R, W) marks the columns each row attends to: its prompt without the
     padding, then every token fed to it. Rows are independent, so one row can take a new prompt while the others
     decode (continuous_steps). Nothing is concatenated or reallocated per step. static: attention reads all W
-    columns at every step (one shape: what a compiled step needs), else only the columns in use."""
+    columns at every step (one shape: what a compiled step needs), else only the columns in use. The host keeps
+    its own copy of the lengths and of which rows hold padding (columns()), so that a step reads nothing."""
 
     def __init__(self, model, rows, width, static=False):
         device, config = model.get_input_embeddings().weight.device, model.config.get_text_config()
@@ -311,7 +433,11 @@ class KVCache:
         self.length = torch.zeros(rows, dtype=torch.long, device=device)  # (R,) next column each row writes
         self.valid = torch.zeros(rows, width, dtype=torch.bool, device=device)  # (R, W)
         self.used = width if static else 0  # columns attention reads: up to the longest row (a Python int)
-        self.fill = None  # during a prefill: the rows it writes (None: a decode step of every row)
+        self.lengths = [0] * rows  # the host's copy of `length`
+        self.padded = set()  # rows whose prompt holds padding
+        self.masked = True  # some column that attention reads is masked (columns() tells for each step)
+        self.active = (None, None)  # the last step's active rows: (host list, device mask)
+        self.fill = None  # during a prefill: the rows it writes, a slice (None: a decode step of every row)
         for t in (self.row, self.length, self.valid):  # changed in place: a CUDA-graph step keeps their address
             torch._dynamo.mark_static_address(t)
 
@@ -323,13 +449,19 @@ class KVCache:
                 torch._dynamo.mark_static_address(t)
         k_all, v_all = self.layers[layer_idx]
         if self.fill is not None:  # prefill (B, H, T, hd) into columns 0..T-1 of its rows; it attends to itself only
-            n, T = len(self.fill) // keys.shape[0], keys.shape[2]
+            n, T = (self.fill.stop - self.fill.start) // keys.shape[0], keys.shape[2]
             k_all[self.fill, :, :T] = keys.repeat_interleave(n, 0)
             v_all[self.fill, :, :T] = values.repeat_interleave(n, 0)
             return keys, values
         k_all[self.row, :, self.length] = keys[:, :, 0]  # (R, H, hd): one column per row, each at its own length
         v_all[self.row, :, self.length] = values[:, :, 0]
         return k_all[:, :, :self.used], v_all[:, :, :self.used]
+
+    def prefilled(self, rows, T, padded):
+        """The host's record of a prefill of `rows` (a slice): T columns each, with or without padding."""
+        for r in range(*rows.indices(len(self.lengths))):
+            self.lengths[r] = T
+            (self.padded.add if padded else self.padded.discard)(r)
 
     def copy_prompt(self, src, dst, T):
         """Row dst takes row src's first T columns (a prompt prefilled once, decoded in several rows)."""
@@ -339,56 +471,78 @@ class KVCache:
         self.valid[dst] = False
         self.valid[dst, :T] = valid
         self.length[dst] = T
+        self.prefilled(slice(dst, dst + 1), T, src in self.padded)
+
+    def columns(self, active=None):
+        """The host's bookkeeping of a decode step, so that the step itself reads nothing: the columns attention
+        reads (up to the longest row), whether any of them is masked (padding, rows of other lengths, rows not
+        `active`), and each active row's next column. active: a host list of bools (continuous_steps), or None for
+        every row (latent_steps). Returns the device mask of the active rows for decode_step (None with None: a
+        compiled step keeps the kind of argument of its first call), built only when it changes."""
+        grows = active or [True] * len(self.lengths)
+        if not self.static:
+            self.used = max(self.lengths) + 1
+        self.masked = bool(self.padded) or not all(grows) or len(set(self.lengths)) > 1
+        self.lengths = [n + 1 if a else n for n, a in zip(self.lengths, grows)]
+        if active is not None and active != self.active[0]:
+            self.active = (active, torch.tensor(active, device=self.row.device))
+        return None if active is None else self.active[1]
 
     def get_seq_length(self, layer_idx=0):
         return self.used
 
-    def masks(self, allowed, padding):
-        """{layer type: mask} for `allowed` (R, 1, Q, C) bool in the form the attention implementation takes:
-        FlashAttention the (R, C) padding mask (causality is its own), eager an additive float mask, sdpa the
-        boolean one. The stock model takes a ready mapping as it is, so it builds no mask per step."""
+    def masks(self, masked, allowed, padding):
+        """{layer type: mask} in the form the attention implementation takes: FlashAttention the (R, C) padding
+        mask (causality is its own), eager an additive float mask, sdpa the boolean one, `allowed()` (R, 1, Q, C).
+        With nothing `masked`, sdpa and FlashAttention take none: the kernels' faster unmasked path (causal in a
+        prefill), and no (T, T) mask is built. The stock model takes a ready mapping as it is, so it builds no mask
+        per step."""
         if self.attn == "eager":
+            allowed = allowed()
             mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
             mask = mask.masked_fill(~allowed, torch.finfo(self.dtype).min)
-        elif (allowed.shape[2] > 1 or not self.static) and bool(padding.all()):
-            mask = None  # nothing masked: the kernels' faster unmasked (causal in a prefill) path; a compiled step
-            #              (static) always reads masked columns and keeps its one graph
+        elif not masked:
+            mask = None
         else:
-            mask = padding if self.attn.startswith("flash") else allowed
+            mask = padding if self.attn.startswith("flash") else allowed()
         return {kind: mask for kind in self.mask_kinds}
 
 
 def prefill(model, cache, rows, input_ids, attention_mask, pixel_values, image_grid_thw, pad_id, ema_beta=None):
-    """Run left-padded prompts (B, T) once and write their keys/values into `rows` of the cache (B x n rows:
-    prompt b into rows b*n .. b*n+n-1). Returns the state at each prompt's last position (B, D), its next text
-    position (B,) and, with ema_beta given, the image-norm target of calibration (B,)."""
+    """Run left-padded prompts (B, T) once and write their keys/values into `rows` of the cache (a slice of B x n
+    rows: prompt b into rows b*n .. b*n+n-1). Returns the state at each prompt's last position (B, D), its next
+    text position (B,) and, with ema_beta given, the image-norm target of calibration (B,)."""
     embeds = embed_inputs(model, input_ids, pixel_values, image_grid_thw, pad_id)  # (B, T, D); no pads in a prompt
     pos = rope_positions(model, input_ids, attention_mask, image_grid_thw)  # (3, B, T)
     n_ema = None if ema_beta is None else image_norm(embeds, input_ids == model.config.image_token_id, ema_beta)
     T, real = input_ids.shape[1], attention_mask.bool()
-    causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()
-    # (B, 1, T, T); a padding position sees itself, so that no row of the softmax is empty
-    allowed = (causal & real[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=real.device)
+    padded = not bool(real.all())  # one read per prefill
+
+    def allowed():  # (B, 1, T, T); a padding position sees itself, so that no row of the softmax is empty
+        causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()
+        return (causal & real[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=real.device)
+
     cache.fill = rows
     try:
-        out = model.model(inputs_embeds=embeds, attention_mask=cache.masks(allowed, attention_mask), position_ids=pos,
-                          past_key_values=cache, use_cache=True)
+        out = model.model(inputs_embeds=embeds, attention_mask=cache.masks(padded, allowed, attention_mask),
+                          position_ids=pos, past_key_values=cache, use_cache=True)
     finally:
         cache.fill = None
+    n = (rows.stop - rows.start) // len(real)
     cache.valid[rows] = False
-    cache.valid[rows, :T] = real.repeat_interleave(len(rows) // len(real), 0)
+    cache.valid[rows, :T] = real.repeat_interleave(n, 0)
     cache.length[rows] = T
+    cache.prefilled(rows, T, padded)
     return out.last_hidden_state[:, -1], pos.amax(dim=(0, 2)) + 1, n_ema  # text continues after the largest id
 
 
 def decode_step(model, cache, fed, position, active=None):
     """Feed one new column: fed (R, D) at M-RoPE positions (3, R), each row at its own cache column. Rows not
     `active` (R,) bool (just given a new prompt, or idle) compute a column that stays masked and is overwritten
-    later. Returns the new last states (R, D)."""
+    later. Reads nothing on the host: cache.columns() has done the host's part. Returns the new last states (R, D)."""
     cache.valid[cache.row, cache.length] = True if active is None else active
-    if not cache.static:
-        cache.used = int(cache.length.max()) + 1
-    masks = cache.masks(cache.valid[:, None, None, :cache.used], cache.valid[:, :cache.used])
+    masks = cache.masks(cache.static or cache.masked, lambda: cache.valid[:, None, None, :cache.used],
+                        cache.valid[:, :cache.used])
     out = model.model(inputs_embeds=fed[:, None], attention_mask=masks, position_ids=position[..., None],
                       past_key_values=cache, use_cache=True)
     cache.length += 1 if active is None else active
@@ -400,14 +554,15 @@ COMPILED = {}
 
 def step_function(compile_step, device):
     """decode_step, or with compile_step its torch.compile (CUDA graphs on a GPU; the cache must be static),
-    compiled once per process and shape. Within one generation every step after the first has the shapes of the
-    first, so the guards that chose the graph then are not evaluated again (on a small model they cost as much
-    as the step)."""
+    compiled once per process and shape, as one graph (fullgraph: a graph break is an error, not a silent split
+    that CUDA graphs could not capture; decode_step reads nothing on the host). Within one generation every step
+    after the first has the shapes of the first, so the guards that chose the graph then are not evaluated again
+    (on a small model they cost as much as the step)."""
     if not compile_step:
         return decode_step
     mode = "reduce-overhead" if device.type == "cuda" else None
     if mode not in COMPILED:
-        COMPILED[mode] = torch.compile(decode_step, mode=mode, dynamic=False)
+        COMPILED[mode] = torch.compile(decode_step, mode=mode, dynamic=False, fullgraph=True)
     calls = []
 
     def step(*args):
@@ -422,7 +577,7 @@ def step_function(compile_step, device):
 
 @torch.no_grad()
 def continuous_steps(model, head, latent_ids, latent_tokens, prompts, rows, sampling: Sampling = None, *,
-                     generator=None, compile_step=False, **overrides):
+                     generator=None, compile_step=False, logits=False, **overrides):
     """latent_steps over a list of prompts with `rows` decode rows: when a row finishes (a stop id, or its
     max_new_tokens), it takes the next job -- its prompt prefilled alone and written into that row of the cache
     -- while the other rows go on decoding, so no row idles until the longest one of a batch ends. A prompt is a
@@ -430,9 +585,12 @@ def continuous_steps(model, head, latent_ids, latent_tokens, prompts, rows, samp
     max_new_tokens. With num_samples = N each prompt is N jobs (job i*N + j is sample j of prompt i, as the
     rows of latent_steps), prefilled once: the row of sample j > 0 copies the prompt's columns from the row
     that took sample j - 1 (which holds them until it takes a job of another prompt, i.e. after the last
-    sample has started). Yields (Step, job) per step, job (R,) the job each row works on (-1: idle, the jobs
-    are used up). Each job gets the tokens and logits of latent_steps on its prompt alone; its draws come from
-    `generator`: shared (then they depend on the schedule), or a list of one per job (then they do not)."""
+    sample has started). Yields (Step, job) per step, job (R,) on the CPU the job each row works on (-1: idle, the
+    jobs are used up). Each job gets the tokens and logits of latent_steps on its prompt alone; its draws come from
+    `generator`: shared (then they depend on the schedule), or a list of one per job (then they do not).
+    The host reads the rows' state only where a row may have stopped (it sampled text since the last read), every
+    sync_every steps: a row that stopped between two reads records DONE until the read (a job's tokens end at its
+    first DONE); a row that used its max_new_tokens is known on the host and takes the next job at once."""
     s = settings(sampling, overrides)
     if s.latent_mode == "given":
         raise ValueError("latent_mode='given' is a latent_steps option (static batches)")
@@ -444,6 +602,7 @@ def continuous_steps(model, head, latent_ids, latent_tokens, prompts, rows, samp
     limits = [p.get("max_new_tokens", s.max_new_tokens) for p in prompts]
     cache = KVCache(model, rows, max(len(p["input_ids"]) + n for p, n in zip(prompts, limits)), static=compile_step)
     rules = Rules(model, latent_ids, K, s.latent_mode, s.stop_ids)
+    known = Known(rules, s)
     step_fn = step_function(compile_step, cache.row.device)
     dev, hidden = cache.row.device, model.get_input_embeddings().embedding_dim
     state = RowState(h_last=torch.zeros(rows, hidden, dtype=cache.dtype, device=dev),
@@ -452,7 +611,8 @@ def continuous_steps(model, head, latent_ids, latent_tokens, prompts, rows, samp
                      done=torch.ones(rows, dtype=torch.bool, device=dev),  # an idle row counts as done
                      n_ema=torch.ones(rows, device=dev) if s.norm_calib == "ema" else None,
                      generator=[None] * rows if isinstance(generator, (list, tuple)) else generator)
-    job, budget = torch.full((rows,), -1, device=dev), torch.zeros(rows, dtype=torch.long, device=dev)
+    known.slot = [DONE] * rows
+    job, budget = [-1] * rows, [0] * rows  # on the host: each row's job, the tokens it may still record
     queue = iter(range(n_jobs))
     last = {}  # the latest prefill: its row, length, last state, next position, image norm
 
@@ -460,22 +620,24 @@ def continuous_steps(model, head, latent_ids, latent_tokens, prompts, rows, samp
         """Row r takes the next job (prefill its prompt, or copy it from the row of the previous sample), or goes
         idle."""
         n = next(queue, -1)
-        job[r], state.done[r] = n, n < 0
+        job[r], known.slot[r] = n, DONE
+        state.done[r] = n < 0
         if n < 0:
             return
         i = n // N
         p = prompts[i]
+        opens = int(p["input_ids"][-1]) == start  # a prompt may end inside a span (read from the prompt's ids)
         ids = p["input_ids"].to(dev)[None]  # (1, T): one prompt, no padding
         if n % N == 0:
             pv, grid = (p[k].to(dev) if p.get(k) is not None else None for k in ("pixel_values", "image_grid_thw"))
-            h, pos, ema = prefill(model, cache, cache.row[r:r + 1], ids, torch.ones_like(ids), pv, grid,
+            h, pos, ema = prefill(model, cache, slice(r, r + 1), ids, torch.ones_like(ids), pv, grid,
                                   latent_ids["pad"], s.ema_beta if state.n_ema is not None else None)
             last.update(h=h[0], pos=pos[0], ema=None if ema is None else ema[0])
         else:
             cache.copy_prompt(last["row"], r, ids.shape[1])
         last["row"] = r
         state.h_last[r], state.next_pos[r], budget[r] = last["h"], last["pos"], limits[i]
-        state.slot[r] = 0 if int(ids[0, -1]) == start else TEXT  # a prompt may end inside a span
+        state.slot[r] = known.slot[r] = 0 if opens else TEXT
         if state.n_ema is not None:
             state.n_ema[r] = last["ema"]
         if isinstance(generator, (list, tuple)):
@@ -483,32 +645,42 @@ def continuous_steps(model, head, latent_ids, latent_tokens, prompts, rows, samp
 
     for r in range(rows):
         refill(r)
-    while bool((job >= 0).any()):
-        pick = choose(model, rules, state, s)
-        budget -= 1
-        out = advance(model, head, rules, state, pick, s)
-        yield out, job.clone()
-        finished = (job >= 0) & (state.done | (budget == 0))
-        for r in finished.nonzero()[:, 0].tolist():
+    step = 0
+    while any(j >= 0 for j in job):
+        pick = choose(model, rules, state, s, known, logits)
+        out = advance(model, head, rules, state, pick, s, known)
+        budget = [b - 1 for b in budget]
+        yield out, torch.tensor(job)
+        if known.due(step):  # a row may have stopped
+            known.read(state)
+        step += 1
+        finished = [r for r, j in enumerate(job) if j >= 0 and (budget[r] == 0 or known.slot[r] == DONE)]
+        for r in finished:
             refill(r)
-        active = (job >= 0) & ~finished  # refilled rows already hold their prompt's last state
-        state.h_last = torch.where(active[:, None], step_fn(model, cache, out.fed, out.position, active),
-                                   state.h_last)
+        # refilled rows already hold their prompt's last state; idle rows decode nothing
+        active = cache.columns([j >= 0 and r not in finished for r, j in enumerate(job)])
+        state.h_last = torch.where(active[:, None], step_fn(model, cache, out.fed, out.position, active), state.h_last)
 
 
 def generate_continuous(*args, **kwargs):
     """Yield (i, tokens) for each job of continuous_steps(*args, **kwargs) as it finishes: job i's new tokens
     (S_i,), through its stop id (job i is prompts[i], or with num_samples = N sample i % N of prompts[i // N]);
-    the same as row i of generate() up to the first DONE."""
-    current = {}  # row -> (prompt index, its tokens so far)
-    for step, prompt in continuous_steps(*args, **kwargs):
-        for r, (i, t) in enumerate(zip(prompt.tolist(), step.token.tolist())):
-            if r in current and current[r][0] != i:  # the row moved on: its prompt is finished
-                yield current[r][0], torch.tensor(current.pop(r)[1])
+    the same as row i of generate() up to the first DONE. A job's tokens are read once, as it finishes."""
+    held = {}  # row -> (its job, the (R,) tokens of each step since it took the job)
+    for step, job in continuous_steps(*args, **kwargs):
+        for r, i in enumerate(job.tolist()):
+            if r in held and held[r][0] != i:  # the row moved on: its job is finished
+                yield job_tokens(r, *held.pop(r))
             if i >= 0:
-                current.setdefault(r, (i, []))[1].append(t)
-    for i, tokens in current.values():
-        yield i, torch.tensor(tokens)
+                held.setdefault(r, (i, []))[1].append(step.token)
+    for r, (i, tokens) in held.items():
+        yield job_tokens(r, i, tokens)
+
+
+def job_tokens(r, i, tokens):
+    """(i, row r's tokens up to their first DONE) of a job: one read."""
+    t = torch.stack(tokens)[:, r].tolist()
+    return i, torch.tensor(t[:t.index(DONE)] if DONE in t else t)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -178,7 +178,8 @@ class GAP(nn.Module):
                                     attention_mask, pixel_values, image_grid_thw, sampling, **kwargs)
 
     def steps(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, sampling=None, **kwargs):
-        """latent_loop.latent_steps of this model: one Step per generated token (static batch)."""
+        """latent_loop.latent_steps of this model: one Step per generated token (static batch); logits=True keeps
+        each step's logits."""
         return latent_loop.latent_steps(self.backbone, self.head, self.latent_ids, self.latent_tokens, input_ids,
                                         attention_mask, pixel_values, image_grid_thw, sampling, **kwargs)
 

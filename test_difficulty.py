@@ -69,7 +69,8 @@ def batch_of(tiny, scorer, indices):
 
 def traced(g, args, **kw):
     """Tokens (R, S) and the logits (R, S, V) each was chosen from, read from latent_loop.latent_steps."""
-    steps = list(latent_loop.latent_steps(g.backbone, g.head, g.latent_ids, g.latent_tokens, *args, **kw))
+    steps = list(latent_loop.latent_steps(g.backbone, g.head, g.latent_ids, g.latent_tokens, *args, logits=True,
+                                          **kw))
     return dict(tokens=torch.stack([s.token for s in steps], 1), logits=torch.stack([s.logits for s in steps], 1))
 
 

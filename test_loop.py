@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import latent_loop
-from conftest import prompts
+from conftest import biased, prompts
 
 QUESTIONS = ["How many red circles are there?", "How many?", "Count the blue circles.", "How many green ones?",
              "Are there yellow circles?", "What is left of the circle?"]
@@ -41,29 +41,44 @@ def mix(world, gap):
         ids = it["input_ids"][None]  # (1, T)
         steps = list(latent_loop.latent_steps(*loop_args(g), ids, torch.ones_like(ids), it["pixel_values"],
                                               it["image_grid_thw"], max_new_tokens=it["max_new_tokens"],
-                                              stop_ids=[STOP]))
+                                              stop_ids=[STOP], logits=True))
         solo.append(dict(tokens=torch.stack([s.token[0] for s in steps]),
                          logits=torch.stack([s.logits[0] for s in steps])))
     return dict(batch=batch, items=items, solo=solo)
 
 
-def test_lm_head_runs_on_text_rows_only(world, gap, mix):
-    """Rows inside a latent span, closing one, or done get no LM head row (and NaN logits); text rows get all."""
-    g = gap[0]
-    b = mix["batch"]
+def lm_head_rows(g, *args, **kw):
+    """The steps of latent_steps and the number of rows the LM head ran on at each of its calls."""
     seen = []
     hook = g.backbone.lm_head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
     try:
-        steps = list(latent_loop.latent_steps(*loop_args(g), b["input_ids"], b["attention_mask"], b["pixel_values"],
-                                              b["image_grid_thw"], max_new_tokens=16, stop_ids=[STOP]))
+        steps = list(latent_loop.latent_steps(*loop_args(g), *args, logits=True, **kw))
     finally:
         hook.remove()
+    return steps, seen
+
+
+def test_lm_head_runs_where_a_row_may_sample(world, gap, mix):
+    """Greedy, rows inside a latent span, closing one, or done get NaN logits, text rows real ones; the LM head
+    runs at no step where the host knows that no row samples (batch 1 inside a span: K + 1 steps without it).
+    Sampling runs it on exactly the rows that sample text, no more."""
+    g = gap[0]
+    b = mix["batch"]
+    args = (b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
+    steps, _ = lm_head_rows(g, *args, max_new_tokens=16, stop_ids=[STOP])
     text = [int(((s.slot == latent_loop.TEXT) & (s.token != latent_loop.DONE)).sum()) for s in steps]
     assert sum(text) < len(steps) * len(QUESTIONS), "the run must have latent and done rows to mean anything"
-    assert sum(seen) == sum(text)
     for s in steps:
         sampled = (s.slot == latent_loop.TEXT) & (s.token != latent_loop.DONE)
         assert torch.isnan(s.logits[~sampled]).all() and not torch.isnan(s.logits[sampled]).any()
+    one = [x[2:3] for x in args[:2]] + [mix["items"][2]["pixel_values"], mix["items"][2]["image_grid_thw"]]
+    steps, seen = lm_head_rows(g, *one, max_new_tokens=g.latent_tokens + 4)  # prompt 2 opens with a span
+    assert [int(s.slot[0]) for s in steps[:g.latent_tokens + 1]] == list(range(g.latent_tokens + 1))
+    assert seen == [1] * (len(steps) - g.latent_tokens - 1)
+    steps, seen = lm_head_rows(g, *args, max_new_tokens=16, temperature=1.0,
+                               generator=torch.Generator().manual_seed(0))
+    text = [int((s.slot == latent_loop.TEXT).sum()) for s in steps]
+    assert min(text) < len(QUESTIONS) and seen == [n for n in text if n]
 
 
 def test_continuous_batching_equals_static_batching(gap, mix):
@@ -88,11 +103,13 @@ def test_continuous_batching_equals_static_batching(gap, mix):
 
 def test_refilled_rows_equal_solo_generation(gap, mix):
     """Every prompt, whichever row takes it and whatever the other row is doing then, gets the logits (1e-5)
-    and the tokens of its solo run; prompts 2..5 go into rows that held an earlier prompt (the refill path)."""
+    and the tokens of its solo run, then DONE until the read that finds it stopped; prompts 2..5 go into rows that
+    held an earlier prompt (the refill path)."""
     g = gap[0]
     per_prompt = {}
     rows_of = {}
-    for step, prompt in latent_loop.continuous_steps(*loop_args(g), mix["items"], 2, stop_ids=[STOP]):
+    for step, prompt in latent_loop.continuous_steps(*loop_args(g), mix["items"], 2, stop_ids=[STOP],
+                                                             logits=True):
         for r, i in enumerate(prompt.tolist()):
             if i >= 0:
                 per_prompt.setdefault(i, []).append((step.token[r], step.logits[r]))
@@ -100,8 +117,10 @@ def test_refilled_rows_equal_solo_generation(gap, mix):
     assert all(len(rows_of[i]) == 1 for i in rows_of)
     assert len(per_prompt) == len(QUESTIONS)
     for i, solo in enumerate(mix["solo"]):
+        n = len(solo["tokens"])  # a row that stopped records DONE until the next read of the rows' state
         tokens = torch.stack([t for t, _ in per_prompt[i]])
-        logits = torch.stack([lg for _, lg in per_prompt[i]])
+        assert len(tokens) < n + latent_loop.Sampling().sync_every and (tokens[n:] == latent_loop.DONE).all()
+        tokens, logits = tokens[:n], torch.stack([lg for _, lg in per_prompt[i][:n]])
         assert torch.equal(tokens, solo["tokens"]), f"prompt {i}"
         assert torch.equal(torch.isnan(logits), torch.isnan(solo["logits"])), f"prompt {i}: text steps differ"
         torch.testing.assert_close(logits, solo["logits"], atol=1e-5, rtol=1e-5, equal_nan=True)
@@ -109,13 +128,15 @@ def test_refilled_rows_equal_solo_generation(gap, mix):
 
 def test_compiled_step_equals_eager(gap, mix, monkeypatch):
     """compile_step (a static cache: attention over every column, guards skipped after the first step) gives
-    the eager loop's tokens and logits. Traced by dynamo with the eager backend: the same graph, no C++ build."""
+    the eager loop's tokens and logits, the step traced as one graph (fullgraph: no host read, no graph break).
+    Traced by dynamo with the eager backend: the same graph, no C++ build."""
     g = gap[0]
     b = mix["batch"]
-    monkeypatch.setitem(latent_loop.COMPILED, None, torch.compile(latent_loop.decode_step, backend="eager"))
+    monkeypatch.setitem(latent_loop.COMPILED, None, torch.compile(latent_loop.decode_step, backend="eager",
+                                                                         fullgraph=True))
     args = (*loop_args(g), b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
-    eager = list(latent_loop.latent_steps(*args, max_new_tokens=12))
-    compiled = list(latent_loop.latent_steps(*args, max_new_tokens=12, compile_step=True))
+    eager = list(latent_loop.latent_steps(*args, max_new_tokens=12, logits=True))
+    compiled = list(latent_loop.latent_steps(*args, max_new_tokens=12, compile_step=True, logits=True))
     assert torch.equal(torch.stack([s.token for s in eager]), torch.stack([s.token for s in compiled]))
     torch.testing.assert_close(torch.stack([s.logits for s in compiled]), torch.stack([s.logits for s in eager]),
                                atol=1e-5, rtol=1e-5, equal_nan=True)
@@ -129,10 +150,10 @@ def test_eager_attention_mask_equals_sdpa(gap, mix):
     g = gap[0]
     b = mix["batch"]
     args = (*loop_args(g), b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
-    sdpa = torch.stack([s.logits for s in latent_loop.latent_steps(*args, max_new_tokens=8)])
+    sdpa = torch.stack([s.logits for s in latent_loop.latent_steps(*args, max_new_tokens=8, logits=True)])
     g.backbone.set_attn_implementation("eager")
     try:
-        eager = torch.stack([s.logits for s in latent_loop.latent_steps(*args, max_new_tokens=8)])
+        eager = torch.stack([s.logits for s in latent_loop.latent_steps(*args, max_new_tokens=8, logits=True)])
     finally:
         g.backbone.set_attn_implementation("sdpa")
     torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5, equal_nan=True)
@@ -147,7 +168,8 @@ def test_bench_infer_mode_runs():
     by = {r["name"]: r for r in rows}
     assert {"latent step / text step", "recompute / cached, 4 latents", "decode step ms, batch 2",
             "eval samples/s, continuous / static"} <= set(by)
-    assert all(r["value"] > 0 for r in rows)
+    assert all(r["value"] > 0 for r in rows if not r["name"].startswith("host reads"))
+    assert by["host reads per step, static, batch 1, zero latents, no stop ids"]["value"] == 0
     mix = by["eval samples/s, continuous / static"]
     assert mix["identical_outputs"] and mix["max_new"] > mix["median_new"]
 
@@ -207,3 +229,111 @@ def test_given_latents_are_fed_slot_by_slot(world, gap, mix):
             list(latent_loop.latent_steps(*args, max_new_tokens=4, latent_mode="given", given=wrong))
     with pytest.raises(ValueError, match="norm_calib"):
         list(latent_loop.latent_steps(*args, max_new_tokens=4, latent_mode="given", given=given, norm_calib="ema"))
+
+
+def counted(fn):
+    """fn()'s result and the host's reads of device values while it ran (bench_infer.HostReads)."""
+    from bench_infer import HostReads
+    with HostReads() as reads:
+        out = fn()
+    return out, reads.n
+
+
+def test_static_decode_reads_the_host_only_at_checks(gap, mix):
+    """Greedy static decoding reads the device's values once per check, every sync_every steps, and not in the
+    steps between (8 more steps: 2 more reads at sync_every 4); zero latents without stop ids never read (nothing
+    can change unseen). One `.item()` planted in choose() or feed() makes it 8 more."""
+    g = gap[0]
+    b = mix["batch"]
+    args = (*loop_args(g), b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
+    never = [g.latent_ids["end"]]  # a stop id no text row can sample (banned): the checks run, no row stops
+
+    def reads(n, **kw):
+        return counted(lambda: list(latent_loop.latent_steps(*args, max_new_tokens=n, **kw)))[1]
+    assert reads(17, stop_ids=never, sync_every=4) - reads(9, stop_ids=never, sync_every=4) == 2
+    assert reads(17, latent_mode="zero") == reads(9, latent_mode="zero")
+
+
+def test_continuous_decode_reads_the_host_only_where_a_row_may_have_stopped(gap, mix):
+    """Continuous batching reads nothing at a step without a refill, but once at each check (every sync_every
+    steps) where a row may have stopped; a refill (prefill of the next prompt) only where a row finished."""
+    g = gap[0]
+    marks, jobs = [], []
+
+    def run():
+        from bench_infer import HostReads
+        with HostReads() as reads:
+            for _, job in latent_loop.continuous_steps(*loop_args(g), mix["items"], 2, stop_ids=[STOP], sync_every=4):
+                marks.append(reads.n)
+                jobs.append(job.clone())
+    run()
+    quiet = [i for i in range(1, len(jobs)) if torch.equal(jobs[i], jobs[i - 1])]  # no row took a new job
+    assert len(quiet) > 20
+    for i in quiet:
+        assert marks[i] - marks[i - 1] == (1 if i % 4 == 0 else 0), f"step {i}"
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=1.0, latent_mode="noise")], ids=["greedy", "sampled"])
+def test_sync_every_changes_no_result(world, gap, mix, kw):
+    """Reading the rows' state every step or every 5 steps gives the same steps -- tokens, logits, fed vectors,
+    positions -- in static batches (rows stopping and opening spans at different steps: <|latent_start|> made a
+    little likelier) and the same jobs' tokens in continuous batching, greedy and sampled with one generator per
+    row."""
+    g, tokenizer, image_processor = gap
+    b = prompts(world, tokenizer, image_processor, QUESTIONS[:4], (2,))  # rows that stop within 16 steps
+    args = (*loop_args(g), b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"])
+    runs, out = {}, {}
+    with biased(g.backbone, g.start_id, 0.4):
+        for every in (1, 5):
+            gens = dict(generator=[torch.Generator().manual_seed(i) for i in range(4)]) if kw else {}
+            runs[every] = list(latent_loop.latent_steps(*args, max_new_tokens=16, stop_ids=[STOP], sync_every=every,
+                                                        logits=True, **gens, **kw))
+            gens = dict(generator=[torch.Generator().manual_seed(i) for i in range(len(QUESTIONS))]) if kw else {}
+            out[every] = dict(latent_loop.generate_continuous(*loop_args(g), mix["items"], 2, stop_ids=[STOP],
+                                                              sync_every=every, **gens, **kw))
+    tokens = torch.stack([s.token for s in runs[5]], 1)  # (R, S)
+    ended = ((tokens == STOP) | (tokens == latent_loop.DONE)).cummax(1).values.all(0)  # (S,) every row has stopped
+    assert len(runs[1]) == len(runs[5]) == (int(ended.int().argmax()) + 1 if ended.any() else 16)
+    assert kw or len(runs[5]) < 16, "the rows must all stop, at a step the checks must find"
+    if not kw:  # what the reads tell apart
+        assert any((s.token == latent_loop.DONE).any() for s in runs[1]), "no row stopped"
+        assert any((s.token == g.start_id).any() for s in runs[1][1:]), "no span opened during the run"
+    for one, five in zip(runs[1], runs[5]):
+        for name in ("token", "logits", "slot", "fed", "position"):
+            a, z = getattr(one, name), getattr(five, name)
+            assert (a is None and z is None) or torch.equal(a.nan_to_num(), z.nan_to_num()), name
+    assert sorted(out[1]) == sorted(out[5]) == list(range(len(QUESTIONS)))
+    assert all(torch.equal(out[1][i], out[5][i]) for i in out[1])
+
+
+def test_no_square_mask_and_no_logits_unless_needed(gap, mix):
+    """An unpadded prompt's prefill builds no (T, T) mask (sdpa's causal path needs none), a left-padded batch
+    does; without logits=True no step fills an (R, V) logits tensor with NaN."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    g = gap[0]
+    b = mix["batch"]
+
+    class Made(TorchDispatchMode):  # the sides of the square bool tensors, and the fills with NaN
+        def __init__(self):
+            super().__init__()
+            self.square, self.nan = set(), 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.bool and out.ndim >= 2:
+                self.square.add(out.shape[-1] if out.shape[-1] == out.shape[-2] else 0)
+            nan = any(isinstance(a, float) and a != a for a in args)
+            self.nan += nan and ("fill" in str(func) or "full" in str(func))
+            return out
+
+    def made(ids, mask, pv, grid, **kw):
+        with Made() as m:
+            list(latent_loop.latent_steps(*loop_args(g), ids, mask, pv, grid, max_new_tokens=12, **kw))
+        return m
+
+    it = mix["items"][2]  # opens a span: latent steps
+    one = it["input_ids"][None]
+    m = made(one, torch.ones_like(one), it["pixel_values"], it["image_grid_thw"])
+    assert one.shape[1] not in m.square and m.nan == 0
+    m = made(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"], logits=True)
+    assert b["input_ids"].shape[1] in m.square and m.nan > 0
