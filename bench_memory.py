@@ -324,9 +324,12 @@ def measure_step(cfg: MemoryConfig):
         print(f"tracker peak {tracker.peak / GiB:.2f} GiB; RSS {rss.start / GiB:.2f} -> {rss.peak / GiB:.2f} GiB "
               f"(+{(rss.peak - rss.start) / GiB:.2f}); live at start {tracker.phases['start']['peak'] / GiB:.2f} GiB"
               + (f"; torch.cuda.max_memory_allocated {out['cuda_peak'] / GiB:.2f} GiB" if out["cuda_peak"] else ""))
-        if cfg.table:
-            fits = json.load(open(cfg.table))["fits"]
-            print(f"the table's prediction for this step: {predict(fits, out) / GiB:.2f} GiB")
+        if cfg.table:  # the sweep's JSON: its fits' prediction of this very step (the first: no AdamW states yet)
+            res = json.load(open(cfg.table))
+            fits = dict(fit(res["steps"]), shapes=cfg.shapes, foreach=res["adamw_transient_per_param"]["foreach"])
+            guess = predict(fits, out)
+            print(f"the sweep's prediction for this step: {guess / GiB:.3f} GiB; measured / predicted "
+                  f"{(out['cuda_peak'] or tracker.peak) / guess:.3f}")
         if cfg.out:
             from common import atomic_write_text
             atomic_write_text(cfg.out, json.dumps(out, indent=1) + "\n")
@@ -410,7 +413,7 @@ def sweep(cfg: MemoryConfig):
     for L, T, ckpt, vocab in runs:
         name = f"step_L{L}_T{T}_{'ckpt' if ckpt else 'nockpt'}_V{vocab}"
         path = os.path.join(root, name + ".json")
-        guess = guess_rss(steps, L, T, ckpt, vocab)
+        guess = 0 if os.path.exists(path) else guess_rss(steps, L, T, ckpt, vocab)
         if guess > cfg.limit_gib * GiB:
             print(f"\n{name}: skipped, its peak RSS would be about {guess / GiB:.1f} GiB (--limit_gib {cfg.limit_gib})")
             steps.append(dict(layers=L, seq_asked=T, grad_ckpt=ckpt, vocab=vocab, skipped=guess))
@@ -438,7 +441,8 @@ def sweep(cfg: MemoryConfig):
 
 def guess_rss(steps, L, T, ckpt, vocab):
     """A sweep's guess of a configuration's peak RSS from those measured before it (0: no guess): the same
-    configuration at one layer plus the per-layer growth seen at a shorter length, scaled by the length."""
+    configuration at one layer, plus what the second layer added at a shorter length, plus what one layer's
+    length-dependent part can add from there (at most all that the one-layer run grew by)."""
     done = {(s["layers"], s["seq_asked"], s["grad_ckpt"], s["vocab"]): s for s in steps if "peak" in s}
     one = done.get((1, T, ckpt, vocab))
     if L == 1 or one is None:
@@ -448,7 +452,7 @@ def guess_rss(steps, L, T, ckpt, vocab):
         return 0
     t = max(shorter)
     per_layer = done[(2, t, ckpt, vocab)]["rss_peak"] - done[(1, t, ckpt, vocab)]["rss_peak"]
-    return one["rss_peak"] + per_layer * T / t
+    return one["rss_peak"] + per_layer + max(0, one["rss_peak"] - done[(1, t, ckpt, vocab)]["rss_peak"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -638,9 +642,10 @@ def table(cfg: MemoryConfig):
               "(measured).", ""]
     ranks = [int(r) for r in cfg.ranks.split(",")]
     seqs = sorted({s["seq_asked"] for s in steps})
-    lines += [f"Extrapolated to Qwen2.5-VL-7B ({L} layers, vocab {V}, {vis_depth} vision blocks), FSDP2 on W GPUs, "
-              f"micro-batch 1, steady state (AdamW states live), predicted torch.cuda.max_memory_allocated GiB per "
-              f"rank; fits: under {cfg.budget_gib:g} GiB:", "",
+    lines += [f"Extrapolated to the {cfg.shapes} shapes ({L} layers, vocab {V}, {vis_depth} vision blocks), FSDP2 on "
+              f"W GPUs, micro-batch 1, steady state (AdamW states live): predicted torch.cuda.max_memory_allocated "
+              f"GiB per rank; fits: at most {cfg.budget_gib:g} GiB; lengths past {max(seqs)} extrapolate the "
+              "measured lengths too:", "",
               "| W | grad_ckpt | " + " | ".join(f"{t} tokens" for t in seqs) + " | largest --max_len | "
               "largest --image_max_pixels |", "| --- | --- | " + " | ".join("---" for _ in seqs) + " | --- | --- |"]
     for W in ranks:
@@ -649,7 +654,7 @@ def table(cfg: MemoryConfig):
             peak = lambda T: max(max(predict_phases(fits, lay, L, V, T, ckpt, W, foreach=fits["foreach"]).values()),  # noqa: E731
                                  vision_phase(fits, lay, vision, L, V, T, 28 * 28 * max(0, T - cfg.response - 32)))
             cells = [f"{g(peak(T))} {'fits' if peak(T) <= cfg.budget_gib * GiB else 'OOM'}" for T in seqs]
-            best = max((T for T in range(1024, 131073, 256) if peak(T) <= cfg.budget_gib * GiB), default=0)
+            best = max((T for T in range(1024, 32769, 256) if peak(T) <= cfg.budget_gib * GiB), default=0)
             px = 28 * 28 * max(0, best - cfg.response - 32)
             lines.append(f"| {W} | {'on' if ckpt else 'off'} | " + " | ".join(cells) + f" | {best or 'none'} | "
                          f"{px or 'none'} |")
@@ -659,7 +664,8 @@ def table(cfg: MemoryConfig):
     lay1 = layout(cfg.shapes, L, V, vis_depth, 1)
     ddp = lay1["params"] + lay1["grads"] + lay1["adam"]
     lines += ["", f"DDP (replicated fp32 weights, gradients and AdamW states, bf16 autocast): {g(ddp)} GiB of states "
-              f"per GPU before any activation: does not fit 80 GB at any length (computed).", ""]
+              "per GPU before any activation" + (f": over {cfg.budget_gib:g} GiB at any length" if ddp >
+                                                  cfg.budget_gib * GiB else "") + " (computed).", ""]
     print("\n".join(lines))
     return lines
 
