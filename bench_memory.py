@@ -194,7 +194,7 @@ def example(tokenizer, latent_ids, T, response, K, d, seed=0):
     g = torch.Generator().manual_seed(seed)
     words = "so the red circle is left of the blue one and there are".split()
     body = lambda n: " ".join(words[i % len(words)] for i in range(n))  # noqa: E731
-    tail = f" <latent> so</think><answer>3</answer>"
+    tail = " <latent> so</think><answer>3</answer>"
     size = lambda n: len(response_ids(tokenizer, f"<think>{body(n)}{tail}", latent_ids, K, True)[0])  # noqa: E731
     base, n = size(0), response
     for _ in range(2):  # words -> tokens is not one to one: scale the word count by the tokens per word, twice
@@ -487,7 +487,7 @@ def layout(shapes, layers, vocab, vision_depth, world, latent_tokens=36):
 
 def linear(xs, ys):
     """Least-squares (intercept, slope) of ys over xs (exact through two points)."""
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
     return my - slope * mx, slope
@@ -569,43 +569,47 @@ def breakdown(fits, cfg, vision, L, V, vis_depth, T, ckpt, ranks):
     """Markdown: the predicted peak at T tokens split into what it is made of, per rank count."""
     f = fits["ckpt" if ckpt else "nockpt"]
     g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+    at = lambda what, phase, layers, vocab: phase_value(f["phases"][phase][what], layers, vocab, T, f["vocab1"])  # noqa: E731
     rows = {}
     for W in ranks:
         lay = layout(cfg.shapes, L, V, vis_depth, W)
         phases = predict_phases(fits, lay, L, V, T, ckpt, W, foreach=fits["foreach"])
         name = max(phases, key=phases.get)
-        ph = f["phases"][name]
-        acc = 4 * lay["trainable"] if name.startswith("1:") else 0  # unsharded fp32, accumulated over micro-steps
-        X = phase_value(ph["X"], L, V, T, f["vocab1"])
-        per_layer = phase_value(ph["X"], 2, f["vocab1"], T, f["vocab1"]) - phase_value(ph["X"], 1, f["vocab1"], T, f["vocab1"])
-        per_layer -= 4 * lay["block"] if acc else 0
-        vocab_part = (V - f["vocab1"]) * ph["X"]["per_row"]
-        rows[W] = dict(phase=name, params=lay["params"], adam=lay["adam"], grads=(
-            lay["grads"] if name == "optimizer" else phase_value(ph["G"], L, V, T, f["vocab1"]) / W), acc=acc,
-            layers=L * per_layer if name != "optimizer" else 0,
-            fixed=X - acc - L * per_layer - vocab_part if name != "optimizer" else 0,
-            vocab=vocab_part if name != "optimizer" else 0, prefetch=2 * lay["block"] if name != "optimizer" else 0,
-            optimizer=fits["foreach"] * lay["trainable"] / W if name == "optimizer" else 0, total=phases[name],
-            head=lay["head"] * 16 / W + lay["head_buffers"],
-            vision=vision_phase(fits, lay, vision, L, V, T, vision["patches"] * 196))
+        r = rows[W] = dict(phase=name, params=lay["params"], adam=lay["adam"], total=phases[name],
+                           acc=4 * lay["trainable"], acc_layer=4 * lay["block"],
+                           act_layer=at("X", "1:forward", 2, f["vocab1"]) - at("X", "1:forward", 1, f["vocab1"])
+                           - 4 * lay["block"], head=lay["head"] * 16 / W + lay["head_buffers"],
+                           vision=vision_phase(fits, lay, vision, L, V, T, vision["patches"] * 196))
+        if name == "optimizer":
+            r.update(grads=lay["grads"], optimizer=fits["foreach"] * lay["trainable"] / W)
+            continue
+        per_layer = at("X", name, 2, f["vocab1"]) - at("X", name, 1, f["vocab1"])
+        r.update(grads=at("G", name, L, V) / W, layers=L * per_layer, vocab=(V - f["vocab1"]) * f["phases"][name]["X"]["per_row"],
+                 fixed=at("X", name, 1, f["vocab1"]) - per_layer, prefetch=2 * lay["block"])
     what = [("phase of the peak", "phase", "measured"),
             ("parameters (fp32, sharded)", "params", "computed"),
-            ("gradients (fp32, sharded) at the peak", "grads", "measured at 1-2 layers, /W"),
             ("AdamW states (fp32, sharded)", "adam", "computed"),
-            ("gradients accumulated over micro-steps (fp32, unsharded)", "acc", "computed; measured at 1-2 layers"),
-            (f"activations + gathered blocks, {L} layers", "layers", "measured per layer (L=2 - L=1) x L"),
-            ("fixed: embeddings, vision output, latent head, loss (first vocab)", "fixed", "measured (L=1 - per layer)"),
-            (f"LM head + logits + loss, vocab {V} over the first", "vocab", "measured slope per row x rows"),
-            ("one more block gathered (GPU prefetch)", "prefetch", "computed"),
+            ("gradients (fp32, sharded) live at the peak", "grads", "measured at 1-2 layers, / W"),
+            (f"unsharded, {L} layers x (L=2 - L=1)", "layers", "measured per layer, x L"),
+            (f"unsharded, fixed (L=1 - one layer; vocab {f['vocab1']})", "fixed", "measured"),
+            (f"unsharded, vocabulary {V} - {f['vocab1']} rows", "vocab", "measured slope per row (two vocabularies), "
+             "x rows"),
+            ("one more block gathered in bf16 (GPU prefetch)", "prefetch", "computed"),
             ("AdamW foreach transient", "optimizer", "measured per parameter"),
             ("**peak per rank**", "total", "extrapolated"),
-            ("of which latent head + PCA basis", "head", "computed"),
-            (f"vision phase (tower gathered + {vision['image']} image)", "vision", "measured at 2 blocks, computed")]
+            ("(in the unsharded part) gradients accumulated over micro-steps, fp32, all of them", "acc",
+             "computed = 4 B x trainable; measured so at 1-2 layers"),
+            ("(in the per-layer part) accumulated gradient of one layer", "acc_layer", "computed"),
+            ("activations kept by one layer at the end of the forward", "act_layer",
+             "measured (L=2 - L=1 at the end of forward) - the layer's gradient"),
+            ("(in the states) latent head + PCA basis", "head", "computed"),
+            (f"vision phase: states, accumulated gradients, tower gathered, {vision['image']} image", "vision",
+             "measured (2 blocks), computed")]
     lines = ["", f"Peak per rank at {T} tokens, grad_ckpt {'on' if ckpt else 'off'}, GiB:", "",
              "| part | " + " | ".join(f"W={W}" for W in ranks) + " | how |",
              "| --- | " + " | ".join("---" for _ in ranks) + " | --- |"]
     for label, key, how in what:
-        cells = [rows[W][key] if key == "phase" else g(rows[W][key]) for W in ranks]
+        cells = [rows[W].get(key, 0) if key == "phase" else g(rows[W].get(key, 0)) for W in ranks]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {how} |")
     return lines
 
