@@ -200,7 +200,8 @@ def example(tokenizer, latent_ids, T, response, K, d, seed=0):
     for _ in range(2):  # words -> tokens is not one to one: scale the word count by the tokens per word, twice
         n = max(1, round((response - base) * n / max(1, size(n) - base)))
     ids, labels = response_ids(tokenizer, f"<think>{body(n)}{tail}", latent_ids, K, True)
-    prompt = lambda m: tokenizer(prompt_text("What is in the image?", m), add_special_tokens=False)["input_ids"]  # noqa: E731
+    def prompt(m):
+        return tokenizer(prompt_text("What is in the image?", m), add_special_tokens=False)["input_ids"]
     room = T - len(prompt(0)) - len(ids)
     if room < 1:
         raise ValueError(f"--seq {T} leaves no room for an image beside a {len(ids)}-token response")
@@ -357,7 +358,8 @@ def measure_vision(cfg: MemoryConfig):
     config.fullatt_block_indexes = [depth - 1]  # both attention kinds run; the full one is the costly one
     torch.manual_seed(cfg.seed)
     with torch.device(device):
-        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=torch.bfloat16).requires_grad_(False)
+        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(config, dtype=torch.bfloat16)
+    tower.requires_grad_(False)
     h, w = smart_resize(height, width, 28, 56 * 56, QWEN7B_MAX_PIXELS)  # the image processor's resize
     grid = torch.tensor([[1, h // 14, w // 14]], device=device)
     pixels = torch.randn(int(grid.prod()), 3 * 2 * 14 * 14, device=device, dtype=torch.bfloat16)
@@ -540,6 +542,7 @@ def predict_phases(fits, lay, L, vocab, T, ckpt, world, steady=True, gpu=True, f
     out = {}
     for name, ph in f["phases"].items():
         X, G = (phase_value(ph[w], L, vocab, T, f["vocab1"]) for w in ("X", "G"))
+        G = min(max(G, 0.0), lay["grads"] * world)  # which blocks have reduced at a peak is not linear in L: bound it
         if name == "optimizer":
             out[name] = lay["params"] + lay["grads"] + lay["adam"] + (foreach * lay["trainable"] / world if gpu else X)
             continue
@@ -569,7 +572,8 @@ def breakdown(fits, cfg, vision, L, V, vis_depth, T, ckpt, ranks):
     """Markdown: the predicted peak at T tokens split into what it is made of, per rank count."""
     f = fits["ckpt" if ckpt else "nockpt"]
     g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
-    at = lambda what, phase, layers, vocab: phase_value(f["phases"][phase][what], layers, vocab, T, f["vocab1"])  # noqa: E731
+    def at(what, phase, layers, vocab):
+        return phase_value(f["phases"][phase][what], layers, vocab, T, f["vocab1"])
     rows = {}
     for W in ranks:
         lay = layout(cfg.shapes, L, V, vis_depth, W)
@@ -584,7 +588,8 @@ def breakdown(fits, cfg, vision, L, V, vis_depth, T, ckpt, ranks):
             r.update(grads=lay["grads"], optimizer=fits["foreach"] * lay["trainable"] / W)
             continue
         per_layer = at("X", name, 2, f["vocab1"]) - at("X", name, 1, f["vocab1"])
-        r.update(grads=at("G", name, L, V) / W, layers=L * per_layer, vocab=(V - f["vocab1"]) * f["phases"][name]["X"]["per_row"],
+        r.update(grads=min(max(at("G", name, L, V), 0.0), lay["grads"] * W) / W, layers=L * per_layer,
+                 vocab=(V - f["vocab1"]) * f["phases"][name]["X"]["per_row"],
                  fixed=at("X", name, 1, f["vocab1"]) - per_layer, prefetch=2 * lay["block"])
     what = [("phase of the peak", "phase", "measured"),
             ("parameters (fp32, sharded)", "params", "computed"),
@@ -639,7 +644,8 @@ def table(cfg: MemoryConfig):
                      f"{s['vocab']} | {g(s['peak'])} | {worst} | {g(s['rss_peak'] - s['rss_start'])} | "
                      f"{g(fitted)} | {s['seconds']:.0f} |")
     lines += ["", f"Vision tower alone (frozen, forward only, {vision['depth']} blocks at 7B's width, bf16): "
-              f"{vision['image']} image -> {vision['resized']}, {vision['patches']} patches, {vision['tokens']} tokens: "
+              f"{vision['image']} image -> {vision['resized']}, {vision['patches']} patches, {vision['tokens']} "
+              "tokens: "
               f"peak {g(vision['peak'])} GiB above the weights (measured).",
               f"AdamW step transient per local parameter: {res['adamw_transient_per_param']['foreach']:.1f} B with "
               f"foreach (a GPU's default), {res['adamw_transient_per_param']['for-loop']:.1f} B per-tensor (a CPU's) "
@@ -655,12 +661,14 @@ def table(cfg: MemoryConfig):
     for W in ranks:
         lay = layout(cfg.shapes, L, V, vis_depth, W)
         for ckpt in (True, False):
-            peak = lambda T: max(max(predict_phases(fits, lay, L, V, T, ckpt, W, foreach=fits["foreach"]).values()),  # noqa: E731
-                                 vision_phase(fits, lay, vision, L, V, T, 28 * 28 * max(0, T - cfg.response - 32)))
+            def peak(T):  # the step's phases, and the vision tower on the largest image T leaves room for
+                return max(*predict_phases(fits, lay, L, V, T, ckpt, W, foreach=fits["foreach"]).values(),
+                           vision_phase(fits, lay, vision, L, V, T, 28 * 28 * max(0, T - cfg.response - 32)))
             cells = [f"{g(peak(T))} {'fits' if peak(T) <= cfg.budget_gib * GiB else 'OOM'}" for T in seqs]
             best = max((T for T in range(1024, 32769, 256) if peak(T) <= cfg.budget_gib * GiB), default=0)
             px = 28 * 28 * max(0, best - cfg.response - 32)
-            lines.append(f"| {W} | {'on' if ckpt else 'off'} | " + " | ".join(cells) + f" | {best or 'none'} | "
+            cap = " (the largest tried)" if best == 32768 else ""
+            lines.append(f"| {W} | {'on' if ckpt else 'off'} | " + " | ".join(cells) + f" | {best or 'none'}{cap} | "
                          f"{px or 'none'} |")
     T = max(seqs)
     for ckpt in (True, False):
