@@ -523,6 +523,17 @@ def fit(steps):
                 c = ((val(other_v[0], what) - val(base, what)) / (other_v[0]["vocab"] - v1)) if other_v else 0.0
                 ph[what] = dict(one=ab[1], two=ab[2], per_row=c,
                                 seqs={L: sorted(s["seq"] for s in byl[L]) for L in (1, 2)})
+        for name in names:
+            # backward through the blocks peaks at its first block (the last layer) once the layers are many: every
+            # layer's kept activations and accumulated gradient still live, as at the end of the forward. At 2
+            # layers on one rank it can peak later (a block's gradient transients outweigh short activations), a
+            # moment that does not scale: its growth per layer is taken from the forward's, its reduced gradients
+            # from L = 1
+            if name.endswith("backward blocks") and name.replace("backward blocks", "forward") in f["phases"]:
+                ph, fwd = f["phases"][name], f["phases"][name.replace("backward blocks", "forward")]
+                one, f1, f2 = ph["X"]["one"], fwd["X"]["one"], fwd["X"]["two"]
+                ph["X"]["two"] = (one[0] + f2[0] - f1[0], one[1] + f2[1] - f1[1])
+                ph["G"]["two"] = ph["G"]["one"]
     return fits
 
 
