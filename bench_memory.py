@@ -639,21 +639,24 @@ def table(cfg: MemoryConfig):
     L, V = text["num_hidden_layers"], text["vocab_size"]
     g = lambda b: f"{b / GiB:.1f}"  # noqa: E731
     lines = ["Measured (one train_step, FSDP2 on 1 rank, bf16 compute, CPU; LiveBytes peak of the first step, "
-             "AdamW states made in it; RSS: the process's peak over the step):", "",
-             "| layers | tokens | supervised | grad_ckpt | vocab | peak GiB | peak phase | RSS rise GiB | "
-             "fitted GiB | step s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "AdamW states made in it; rise: the peak over what was live before the step, RSS rise: the same of the "
+             "process's resident set; fitted: the fits' forward + backward peak at that point):", "",
+             "| layers | tokens | grad_ckpt | vocab | peak GiB (phase) | forward + backward GiB (phase) | rise GiB | "
+             "RSS rise GiB | fitted GiB | step s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in steps:
         if "peak" not in s:
-            lines.append(f"| {s['layers']} | {s['seq_asked']} | | {'on' if s['grad_ckpt'] else 'off'} | {s['vocab']} "
-                         f"| not run: about {g(s['skipped'])} GiB of RSS, over this machine's share | | | | |")
+            lines.append(f"| {s['layers']} | {s['seq_asked']} | {'on' if s['grad_ckpt'] else 'off'} | {s['vocab']} "
+                         f"| not run: about {g(s['skipped'])} GiB of RSS, over this machine's share | | | | | |")
             continue
-        worst = max((n for n in s["phases"] if n not in ("start", "end")), key=lambda n: s["phases"][n]["peak"])
+        ph = {n: p["peak"] for n, p in s["phases"].items() if n not in ("start", "end")}
+        worst, fb = max(ph, key=ph.get), max((n for n in ph if n != "optimizer"), key=ph.get)
         lay = layout(cfg.shapes, s["layers"], s["vocab"], s["vision_depth"], 1)
-        fitted = max(predict_phases(fits, lay, s["layers"], s["vocab"], s["seq"], s["grad_ckpt"], 1, steady=False,
-                                    gpu=False, foreach=0).values())
-        lines.append(f"| {s['layers']} | {s['seq']} | {s['supervised']} | {'on' if s['grad_ckpt'] else 'off'} | "
-                     f"{s['vocab']} | {g(s['peak'])} | {worst} | {g(s['rss_peak'] - s['rss_start'])} | "
-                     f"{g(fitted)} | {s['seconds']:.0f} |")
+        fitted = max(v for n, v in predict_phases(fits, lay, s["layers"], s["vocab"], s["seq"], s["grad_ckpt"], 1,
+                                                  steady=False, gpu=False, foreach=0).items() if n != "optimizer")
+        before = sum(s["phases"]["start"][k] for k in ("params", "buffers", "inputs"))  # live before the step
+        lines.append(f"| {s['layers']} | {s['seq']} | {'on' if s['grad_ckpt'] else 'off'} | {s['vocab']} | "
+                     f"{g(s['peak'])} ({worst}) | {g(ph[fb])} ({fb}) | {g(s['peak'] - before)} | "
+                     f"{g(s['rss_peak'] - s['rss_start'])} | {g(fitted)} | {s['seconds']:.0f} |")
     lines += ["", f"Vision tower alone (frozen, forward only, {vision['depth']} blocks at 7B's width, bf16): "
               f"{vision['image']} image -> {vision['resized']}, {vision['patches']} patches, {vision['tokens']} "
               "tokens: "
