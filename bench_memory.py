@@ -574,7 +574,7 @@ def vision_phase(fits, lay, vision, L, vocab, T, pixels):
     """The vision tower's forward at the start of a micro-step after the first: the states, the gradients the
     earlier micro-steps accumulated (measured at 1 and 2 layers), the whole tower gathered in bf16 (one FSDP2 unit)
     and its working memory on an image of `pixels`, scaled by patches from the measured image."""
-    f = fits["ckpt"]
+    f = fits.get("ckpt") or fits["nockpt"]  # what a micro-step starts with does not depend on checkpointing
     acc = phase_value(f["phases"]["1:forward"]["S"], L, vocab, T, f["vocab1"])
     return lay["params"] + lay["adam"] + acc + 2 * lay["vision"] + vision["peak"] * pixels / (vision["patches"] * 196)
 
@@ -616,8 +616,8 @@ def breakdown(fits, cfg, vision, L, V, vis_depth, T, ckpt, ranks):
             ("(in the unsharded part) gradients accumulated over micro-steps, fp32, all of them", "acc",
              "computed = 4 B x trainable; measured so at 1-2 layers"),
             ("(in the per-layer part) accumulated gradient of one layer", "acc_layer", "computed"),
-            ("activations kept by one layer at the end of the forward", "act_layer",
-             "measured (L=2 - L=1 at the end of forward) - the layer's gradient"),
+            ("activations kept by one layer at the forward's peak", "act_layer",
+             "measured (L=2 - L=1 at the forward's peak) - the layer's gradient"),
             ("(in the states) latent head + PCA basis", "head", "computed"),
             (f"vision phase: states, accumulated gradients, tower gathered, {vision['image']} image", "vision",
              "measured (2 blocks), computed")]
