@@ -1,5 +1,6 @@
-"""Per-rank peak memory of one training step at Qwen2.5-VL-7B's widths: measured at 1 and 2 decoder layers, then
-extrapolated to 28 layers and to 8, 16 and 32 FSDP2 ranks (README "Memory at 7B").
+"""Per-rank peak memory of one GAP training step (paper eq. 3, recipe of appendix F) at Qwen2.5-VL-7B's widths:
+measured at 1 and 2 decoder layers, then extrapolated to 28 layers and to 8, 16 and 32 FSDP2 ranks (benchmarks
+document, "Memory per GPU at 7B, measured").
 
 What is measured is the step train.py runs on a GPU: step.train_step over step.wrap(fsdp=True, bf16=True) (FSDP2,
 bf16 parameters in compute, fp32 sharded master weights, gradients reduced in fp32, AdamW), on a one-rank process
@@ -10,13 +11,13 @@ tensor storage through the step and keeps the peak of each phase (forward, backw
 through the decoder blocks, through the embeddings, per micro-step; the optimizer), with the parameters, gradients
 and optimizer states in it.
 
-    python bench_memory.py                    # the sweep on a CPU (L = 1, 2 x seq 2k, 4k, 8k x grad_ckpt), the table
-    torchrun --nproc_per_node 1 bench_memory.py --mode step --shapes 7b --layers 2 --seq 4096 --grad_ckpt
-    torchrun --nproc_per_node 8 bench_memory.py --mode step --shapes 7b --layers 28 --vocab 0 --vision_depth 32 \\
-        --seq 8192 --grad_ckpt               # on 8 GPUs: the table's prediction next to torch.cuda.max_memory_allocated
-
-On a GPU --mode step also reports torch.cuda.max_memory_allocated of the same step, and prints the prediction of
-the sweep's JSON (--table) for that configuration and number of ranks, to check the extrapolation.
+    python bench_memory.py --shapes 7b --out out/memory.json    # the sweep on a CPU (L = 1, 2 x 2k, 4k, 8k tokens
+                                                                 # x grad_ckpt on / off), then the tables
+    torchrun --nproc_per_node 1 bench_memory.py --mode step --shapes 7b --layers 2 --vision_depth 1 --seq 4096 \
+        --grad_ckpt                                              # one configuration
+    torchrun --nproc_per_node 8 bench_memory.py --mode step --shapes 7b --layers 28 --vocab 0 --vision_depth 32 \
+        --seq 8192 --grad_ckpt --table out/memory.json           # 8 GPUs: the sweep's prediction of this step
+                                                                 # next to torch.cuda.max_memory_allocated
 """
 import dataclasses
 import json
