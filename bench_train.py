@@ -308,30 +308,6 @@ def bench_validate(cfg: BenchConfig):
     return rates
 
 
-def shard_bytes(units, world, rank, compute_bytes=2):
-    """Per-rank bytes of an FSDP2 layout (step.fsdp_units): each parameter is cut along dim 0 into `world` chunks of
-    ceil(rows / world) rows (FSDP2's layout); trainable ones carry an fp32 gradient and two fp32 AdamW states. A unit
-    that is not resharded after forward stays gathered (in its compute dtype) from its forward to its backward."""
-    seen, out = set(), dict(params=0, grads=0, adam=0, held=0, largest_gather=0)
-    for name, modules, reshard, fp32 in units:  # inner first: a parameter belongs to the innermost unit
-        params = [p for m in modules for p in m.parameters() if id(p) not in seen]
-        seen.update(id(p) for p in params)
-        local = 0
-        for p in params:
-            rows = p.shape[0] if p.dim() else 1
-            chunk = -(-rows // world)
-            mine = max(0, min(chunk, rows - rank * chunk)) * (p.numel() // max(rows, 1))
-            local += mine
-            out["params"] += 4 * mine
-            if p.requires_grad:
-                out["grads"] += 4 * mine
-                out["adam"] += 8 * mine
-        full = sum(p.numel() for p in params) * (4 if fp32 else compute_bytes)
-        out["held" if not reshard else "largest_gather"] = (out["held"] + full if not reshard
-                                                            else max(out["largest_gather"], full))
-    return out
-
-
 def bench_shard(cfg: BenchConfig):
     """Per-rank bytes of the FSDP2 layout, before and after (module docstring, --mode shard)."""
     import torch.distributed as dist
@@ -339,7 +315,7 @@ def bench_shard(cfg: BenchConfig):
     from common import setup_distributed
     from latent_head import LatentHead
     from model import GAP, add_latent_tokens
-    from step import fsdp_units, shard
+    from step import fsdp_units, shard, shard_bytes
     rank, world, device = setup_distributed()
     tokenizer = tiny.build_tokenizer(tiny.corpus_texts())
     config = tiny.shape_config(cfg.shapes, tokenizer, "sdpa", cfg.layers, cfg.vision_depth)

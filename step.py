@@ -97,6 +97,30 @@ def fsdp_units(gap, separate_ends=True):
     return units
 
 
+def shard_bytes(units, world, rank, compute_bytes=2):
+    """Per-rank bytes of an FSDP2 layout (step.fsdp_units): each parameter is cut along dim 0 into `world` chunks of
+    ceil(rows / world) rows (FSDP2's layout); trainable ones carry an fp32 gradient and two fp32 AdamW states. A unit
+    that is not resharded after forward stays gathered (in its compute dtype) from its forward to its backward."""
+    seen, out = set(), dict(params=0, grads=0, adam=0, held=0, largest_gather=0)
+    for name, modules, reshard, fp32 in units:  # inner first: a parameter belongs to the innermost unit
+        params = [p for m in modules for p in m.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        local = 0
+        for p in params:
+            rows = p.shape[0] if p.dim() else 1
+            chunk = -(-rows // world)
+            mine = max(0, min(chunk, rows - rank * chunk)) * (p.numel() // max(rows, 1))
+            local += mine
+            out["params"] += 4 * mine
+            if p.requires_grad:
+                out["grads"] += 4 * mine
+                out["adam"] += 8 * mine
+        full = sum(p.numel() for p in params) * (4 if fp32 else compute_bytes)
+        out["held" if not reshard else "largest_gather"] = (out["held"] + full if not reshard
+                                                            else max(out["largest_gather"], full))
+    return out
+
+
 def shard(gap, device, world, param_dtype=torch.float32, separate_ends=True):
     """FSDP2 (FULL_SHARD semantics) over fsdp_units(gap). Parameters are gathered in param_dtype (bf16 with
     --precision bf16; the latent head fp32) and gradients reduced in fp32; the sharded fp32 parameters are the
