@@ -50,6 +50,8 @@ class MemoryConfig(tiny.BenchFlags):
     response: int = field(default=1024, metadata={"help": "supervised response tokens of that example"})
     first_seq: int = field(default=512, metadata={"help": "tokens of the first (short) micro-batch"})
     grad_ckpt: bool = field(default=False, metadata={"help": "activation checkpointing per decoder block"})
+    grad_sync: str = field(default="last", metadata={"help": "step: train.py's --grad_sync (last: the sweep's)",
+                                                     "choices": ["last", "every"]})
     vocab: int = field(default=8192, metadata={"help": "vocabulary of the measured model (0: the shape's own; "
                                                        "7b's 152064 does not fit fp32 AdamW on a CPU)"})
     vocab2: int = field(default=32768, metadata={"help": "sweep: a second vocabulary, for the per-row slope"})
@@ -297,7 +299,7 @@ def measure_step(cfg: MemoryConfig):
     with RSSPeak() as rss, tracker:
         tracker.set_phase("start")
         train_step(model, gap, opt, micro, device, world, bf16=True, fsdp=True,
-                   on_grads=lambda _: tracker.set_phase("optimizer"))
+                   on_grads=lambda _: tracker.set_phase("optimizer"), grad_sync=cfg.grad_sync)
         tracker.set_phase("end")
     seconds = time.perf_counter() - t0
     for h in hooks:

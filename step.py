@@ -19,10 +19,13 @@ from common import all_reduce
 
 
 def train_step(model, gap, opt, micro, device, world, sched=None, grad_clip=1.0, bf16=False, fsdp=False,
-               scheduled_sampling=False, on_grads=None):
+               scheduled_sampling=False, on_grads=None, grad_sync="last"):
     """One optimizer step on this rank's micro-batches `micro` (collated dicts) of a step's global batch.
     model: gap wrapped (wrap()); gap: the unwrapped GAP, whose counts() / loss() define the objective.
     on_grads(gap): called with the step's gradients in place, before clipping (a seam for tests and metrics).
+    grad_sync: "last" reduces gradients on the last micro-step only (until then DDP and FSDP2 accumulate unreduced,
+    full-size gradients: under FSDP2 4 bytes per trainable parameter on every rank, the largest part of a 7B
+    step's peak); "every" reduces on each micro-step (FSDP2 then accumulates sharded gradients).
     Returns ({term: the step's mean loss over the global batch}, dict(tokens: real tokens over all ranks,
     latent_slots: latent slots over all ranks, grad_norm: the global gradient norm before clipping))."""
     # the loss is normalized by the global number of supervised tokens and latent slots of the step (not by the
@@ -38,7 +41,7 @@ def train_step(model, gap, opt, micro, device, world, sched=None, grad_clip=1.0,
         # FSDP gathers parameters in every forward, so all ranks run n_micro of them: a rank with fewer
         # micro-batches (packing, skipped examples) repeats its last one with weight 0
         weight, mb = float(j < len(micro)), to_device(micro[min(j, len(micro) - 1)], device)
-        set_grad_sync(model, j == n_micro - 1)  # reduce gradients on the last micro-step only
+        set_grad_sync(model, grad_sync == "every" or j == n_micro - 1)  # by default on the last micro-step only
         # bf16: autocast over fp32 weights (DDP, one process); FSDP2 gathers bf16 weights itself (shard())
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not fsdp):
             out = model(**mb, scheduled_sampling=scheduled_sampling)

@@ -106,8 +106,9 @@ def reference_grads(setup):
 
 @pytest.mark.parametrize("flags", [["--micro_batch", "1"], ["--fsdp", "--micro_batch", "1"],
                                    ["--fsdp", "--pack", "--pack_len", "200"], ["--pack", "--pack_len", "200"],
-                                   ["--fsdp", "--grad_ckpt", "--micro_batch", "1"]],
-                         ids=["ddp", "fsdp", "fsdp-packed", "ddp-packed", "fsdp-grad_ckpt"])
+                                   ["--fsdp", "--grad_ckpt", "--micro_batch", "1"],
+                                   ["--fsdp", "--grad_sync", "every", "--micro_batch", "1"]],
+                         ids=["ddp", "fsdp", "fsdp-packed", "ddp-packed", "fsdp-grad_ckpt", "fsdp-sync_every"])
 def test_two_ranks_give_the_gradients_of_one_process(setup, reference_grads, flags):
     """Global-token normalization across micro-steps and ranks; with packing one rank holds 2 rows and the
     other 1, so this also covers the zero-weight filler step that keeps FSDP's collectives aligned."""

@@ -86,6 +86,10 @@ class TrainConfig(align_lib.VaLRConfig):
                                                         "else SDPA)", "choices": ["auto", "sdpa", "flash_attention_2",
                                                                                   "eager"]})
     grad_ckpt: bool = field(default=False, metadata={"help": "activation checkpointing per decoder block"})
+    grad_sync: str = field(default="last", metadata={
+        "help": "reduce gradients on the last micro-step only (last), or on each (every: with --fsdp the accumulated "
+                "gradients stay sharded, 28 GiB less per GPU at 7B, for one reduce-scatter per micro-step)",
+        "choices": ["last", "every"]})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm (0: off)"})
     seed: int = field(default=12345, metadata={"help": "data order and init seed"})
     save_every: int = field(default=-1, metadata={"help": "write resumable state every N steps (0: never; -1: every "
@@ -312,7 +316,8 @@ def main(cfg: TrainConfig, on_grads=None):
             lrs = [g["lr"] for g in opt.param_groups]  # what this step uses (the scheduler moves on inside it)
             try:
                 loss, info = train_step(model, gap, opt, micro, device, world, sched, cfg.grad_clip,
-                                        bf16(cfg, device), cfg.fsdp, cfg.scheduled_sampling, on_grads)
+                                        bf16(cfg, device), cfg.fsdp, cfg.scheduled_sampling, on_grads,
+                                        cfg.grad_sync)
             except torch.OutOfMemoryError as e:  # CUDA's; on a CPU the kernel ends the process, nothing to catch
                 raise DataError(out_of_memory(cfg, step + 1, micro, e)) from None
             step += 1
