@@ -20,7 +20,7 @@ import toy
 import toy_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SIZES = dict(pretrain=12, train=240, val=6, test=15)
+SIZES = dict(pretrain=12, train=240, val=6, test=15, test_seen=8)
 
 
 def _read(path):
@@ -31,19 +31,19 @@ def _read(path):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    return out, toy_world.write_world(str(out), SIZES, seed=3)
+    return out, toy_world.write_world(str(out), SIZES, seed=3)[0]
 
 
 def test_world_is_seeded(world, tmp_path):
     out, paths = world
-    again = toy_world.write_world(str(tmp_path), SIZES, seed=3)
+    again = toy_world.write_world(str(tmp_path), SIZES, seed=3)[0]
     for split in paths:
         assert _read(paths[split]) == _read(again[split])
         for r in _read(paths[split])[:5]:
             for key in ("image", "aux_image"):
                 with open(os.path.join(out, r[key]), "rb") as a, open(os.path.join(tmp_path, r[key]), "rb") as b:
                     assert a.read() == b.read(), f"{split}/{r['id']}: {key} differs between two seeded runs"
-    other = toy_world.write_world(str(tmp_path / "other"), SIZES, seed=4)
+    other = toy_world.write_world(str(tmp_path / "other"), SIZES, seed=4)[0]
     assert _read(other["train"]) != _read(paths["train"])
 
 
@@ -64,11 +64,11 @@ def test_world_format(world):
     assert fams == set(toy_world.FAMILIES)
 
 
-def _cells(path, grid):
-    """{(row, col): colour name} of the non-white cells of a toy image split into grid x grid cells, checking
-    every cell is one flat colour."""
+def _cells(path, grid, rgb=False):
+    """{(row, col): colour name} (rgb: its RGB) of the non-white cells of a toy image split into grid x grid cells,
+    checking every cell is one flat colour, a shade of a colour of the world."""
     from PIL import Image
-    names = {rgb: name for name, rgb in toy_world.INK.items()}
+    names = toy_world.NAME_OF
     with Image.open(path) as im:
         im = im.convert("RGB")
     cell = im.width // grid
@@ -78,30 +78,42 @@ def _cells(path, grid):
             colours = im.crop((c * cell, r * cell, (c + 1) * cell, (r + 1) * cell)).getcolors()
             assert len(colours) == 1, f"{path}: cell {(r, c)} is not one flat colour: {colours}"
             if colours[0][1] != (255, 255, 255):
-                cells[(r, c)] = names[colours[0][1]]
+                cells[(r, c)] = colours[0][1] if rgb else names[colours[0][1]]
     return cells
 
 
 def test_aux_image_is_the_evidence(world):
-    """The aux image shows what the answer needs, read back from its pixels: the two tallies (compare, total) or
-    the black cell's 2 x 2 block (neighbor) of the query image; the answer follows from it by the question's rule."""
+    """The aux image shows what the answer needs, read back from its pixels (shades included): the two tallies
+    (compare, total), the commonest colour's cells (majority), each in the query's raster order, or the black
+    cell's 2 x 2 block (neighbor) of the query image; the answer follows from it by the question's rule."""
     out, paths = world
+    name = toy_world.NAME_OF
     for split, path in paths.items():
         for r in _read(path):
-            query = _cells(os.path.join(out, r["image"]), 4)
+            query = _cells(os.path.join(out, r["image"]), 4, rgb=True)
+            names = [name[c] for c in query.values()]
+
+            def shades_of(colour):  # the RGBs of a colour's query cells in raster order
+                return [c for p, c in sorted(query.items()) if name[c] == colour]
             if r["family"] in ("compare", "total"):
                 a, b = re.search(r"(?:more|many) (\w+) (?:cells than|and) (\w+) cells", r["question"]).groups()
-                aux = _cells(os.path.join(out, r["aux_image"]), 4)
-                na, nb = list(query.values()).count(a), list(query.values()).count(b)
-                assert aux == {(0, i): a for i in range(na)} | {(2, i): b for i in range(nb)}
+                aux = _cells(os.path.join(out, r["aux_image"]), 4, rgb=True)
+                na, nb = names.count(a), names.count(b)
+                assert aux == ({(0, i): c for i, c in enumerate(shades_of(a))}
+                               | {(2, i): c for i, c in enumerate(shades_of(b))})
                 assert r["answer"] == (("yes" if na > nb else "no") if r["family"] == "compare" else str(na + nb))
+            elif r["family"] == "majority":
+                aux = _cells(os.path.join(out, r["aux_image"]), 4, rgb=True)
+                top = max(set(names), key=names.count)
+                assert names.count(top) > max(names.count(c) for c in set(names) - {top})  # one commonest colour
+                assert aux == {(i // 4, i % 4): c for i, c in enumerate(shades_of(top))} and r["answer"] == top
             else:
-                aux = _cells(os.path.join(out, r["aux_image"]), 2)
-                (black,) = [p for p, c in query.items() if c == "black"]
+                aux = _cells(os.path.join(out, r["aux_image"]), 2, rgb=True)
+                (black,) = [p for p, c in query.items() if c == (0, 0, 0)]
                 block = {(i, j): query[(black[0] + i, black[1] + j)] for i in (0, 1) for j in (0, 1)
                          if (black[0] + i, black[1] + j) in query}
                 assert aux == block
-                assert r["answer"] == aux[(0, 1) if "right of" in r["question"] else (1, 0)]
+                assert r["answer"] == name[aux[(0, 1) if "right of" in r["question"] else (1, 0)]]
 
 
 def test_aux_images_vary_within_an_answer_class(world):
@@ -118,6 +130,30 @@ def test_aux_images_vary_within_an_answer_class(world):
     for fam in toy_world.FAMILIES:
         mine = [len(v) for (f, _), v in by.items() if f == fam]
         assert reported[fam]["min_aux_per_answer"] == min(mine) and reported[fam]["answers"] == len(mine)
+
+
+def test_seen_and_unseen_evidence(world, tmp_path, monkeypatch):
+    """test holds only aux images the train split never showed, test_seen only aux images it showed (each a train
+    example's evidence of the same family, under a query image no split has); a plain draw (val) is mostly new
+    evidence, and write_world reports the share that a plain draw sees, as shared_aux counts it."""
+    out, paths = world
+    train = {}
+    for r in _read(paths["train"]):
+        with open(os.path.join(out, r["aux_image"]), "rb") as f:
+            train.setdefault(f.read(), set()).add(r["family"])
+    for split, want in (("test", False), ("test_seen", True)):
+        for r in _read(paths[split]):
+            with open(os.path.join(out, r["aux_image"]), "rb") as f:
+                fams = train.get(f.read())
+            assert (fams is not None) == want, (split, r["id"])
+            assert not want or r["family"] in fams
+    assert toy_world.shared_aux(paths["test"], paths["train"]) == 0
+    assert toy_world.shared_aux(paths["test_seen"], paths["train"]) == 1
+    # one shade: the compare family has 240 aux images, so plain draws repeat train's evidence often
+    monkeypatch.setattr(toy_world, "SHADES", 1)
+    small, drawn = toy_world.write_world(str(tmp_path), dict(train=120, val=40, test=20), seed=5, families=("compare",))
+    assert drawn["val"] == toy_world.shared_aux(small["val"], small["train"]) > 0.2
+    assert drawn["test"] > 0.2 and toy_world.shared_aux(small["test"], small["train"]) == 0
 
 
 def test_parser_text_never_states_the_answer(world):
