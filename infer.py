@@ -132,16 +132,16 @@ class Runner:
         self.sampling = Sampling.of(loop_cfg, stop_ids=[self.tokenizer.convert_tokens_to_ids(t)
                                                         for t in ("<|im_end|>", "<|endoftext|>")])
 
-    def answer(self, items, generators=None, given=None, latents=None):
+    def answer(self, items, generators=None, given=None, latents=None, sampling=None):
         """Responses (latent spans shown as <latent>) for a list of encode_prompt() items, in one generate call;
         generators: one per item (else the runner's one); given: (B, K, D) latents fed in every span of each item
         (latent_mode shuffled / oracle). latents: a list that gets, per item, the (K, D) latents fed in its first
-        span (None without one)."""
+        span (None without one). sampling: the runner's settings unless given."""
         batch = collate(items, self.tokenizer.pad_token_id, left=True)
         dev = self.gap.backbone.device
         steps = self.gap.steps(*(batch[k].to(dev) for k in ("input_ids", "attention_mask", "pixel_values",
                                                             "image_grid_thw")),
-                               self.sampling, generator=generators or self.generator, given=given)
+                               sampling or self.sampling, generator=generators or self.generator, given=given)
         if latents is None:
             tokens = torch.stack([step.token for step in steps], 1)
         else:  # reading the span's slots costs a host sync per step: only when asked

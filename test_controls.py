@@ -79,6 +79,24 @@ def test_saved_latents_are_what_was_fed(ckpt, data, model_run, tmp_path, monkeyp
         if r["span_latents"]:
             torch.testing.assert_close(controls.load_latents(cont_folder, r["id"]),
                                        controls.load_latents(folder, r["id"]))
+    # the saved latents are what the loop fed in the first span (slots 0 .. K-1), recomputed for the first chunk
+    from data import collate, read_jsonl
+    from infer import InferConfig, Runner, example_generators
+    cfg = parse_config(InferConfig, ["--ckpt", ckpt, *SAMPLED])
+    runner = Runner(cfg)
+    K, chunk = runner.gap.latent_tokens, read_jsonl(data)[0][:5]
+    batch = collate([runner.encode_row(r) for r in chunk], runner.tokenizer.pad_token_id, left=True)
+    with biased(runner.gap.backbone, runner.tokenizer.convert_tokens_to_ids("<|latent_start|>"), BIAS):
+        steps = list(runner.gap.steps(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                      batch["image_grid_thw"], runner.sampling,
+                                      generator=example_generators(cfg, chunk, "cpu")))
+    checked = 0
+    for b, r in enumerate(model[:5]):
+        fed = [s.fed[b] for s in steps if s.fed is not None and 0 <= int(s.slot[b]) < K][:K]
+        if r["span_latents"]:
+            torch.testing.assert_close(controls.load_latents(folder, r["id"]), torch.stack(fed))
+            checked += 1
+    assert checked
     # each row its own donor: model mode's answers again
     monkeypatch.setattr(controls, "assign_donors", lambda rows, eligible, seed, key: (
         {r["id"]: r["id"] for r in rows if r["id"] in eligible}, {}))
@@ -88,7 +106,7 @@ def test_saved_latents_are_what_was_fed(ckpt, data, model_run, tmp_path, monkeyp
             assert o["response"] == r["response"] and o["donor"] == r["id"]
 
 
-def test_shuffled_feeds_a_donor_of_the_group(ckpt, data, model_run, tmp_path):
+def test_shuffled_feeds_a_donor_of_the_group(ckpt, data, model_run, tmp_path, monkeypatch):
     """shuffled: each row's donor and placebo are two other rows of its --donor_group whose model run opened a
     span (seeded: the same assignment again); the row is fed its donor's saved latents (so its answer is that of
     latent_steps given them); the summary's follows rates are recomputed here from the lines; a resume with
@@ -101,8 +119,20 @@ def test_shuffled_feeds_a_donor_of_the_group(ckpt, data, model_run, tmp_path):
     eligible = {r["id"] for r in model if r["span_latents"]}
     rows = {r["id"]: r for r in read_jsonl(data)[0]}
     out = tmp_path / "shuffled.jsonl"
+    import infer as infer_py
+    answer, fed = infer_py.Runner.answer, []
+
+    def recording(self, items, *args, given=None, **kwargs):  # what each static chunk is fed
+        fed.append(given)
+        return answer(self, items, *args, given=given, **kwargs)
+    monkeypatch.setattr(infer_py.Runner, "answer", recording)
     sh, res = infer(ckpt, data, out, "--latent_mode", "shuffled", "--donors", summary["out"], "--donor_group",
                     "category", "--seed", "3")
+    monkeypatch.undo()
+    fed = torch.cat(fed)
+    for n, r in enumerate(res):  # the donor's saved latents, or zeros for a row without a donor
+        want = controls.load_latents(controls.latents_dir(summary["out"]), r["donor"]) if r["donor"] else 0 * fed[n]
+        assert torch.equal(fed[n], want)
     with_donor = [r for r in res if r["donor"]]
     assert with_donor and sh["shuffled"]["with_donor"] == len(with_donor)
     for r in with_donor:
@@ -144,17 +174,29 @@ def test_shuffled_feeds_a_donor_of_the_group(ckpt, data, model_run, tmp_path):
               "--donor_group", "group")
 
 
-def test_oracle_feeds_the_aux_targets(ckpt, data, world, tmp_path):
+def test_oracle_feeds_the_aux_targets(ckpt, data, world, tmp_path, monkeypatch):
     """oracle: every row's spans are fed its aux image's targets -- from the target cache, or computed by the
-    checkpoint's (frozen) vision tower: the same answers, and those of the loop given the cache's targets. A row
-    without aux_image is refused, naming its line and field."""
+    checkpoint's (frozen) vision tower: the same latents, the same answers, and those of the loop given the
+    cache's targets. A row without aux_image is refused, naming its line and field."""
+    import infer as infer_py
     from data import aux_hash, read_jsonl
     from infer import InferConfig, Runner, example_generators
+    rows = read_jsonl(data)[0]
+    targets = torch.stack([world["cache"].get(r["id"], aux_hash(r)).float() for r in rows])
+    answer, fed = infer_py.Runner.answer, []
+
+    def recording(self, items, *args, given=None, **kwargs):  # what each static chunk is fed
+        fed.append(given)
+        return answer(self, items, *args, given=given, **kwargs)
+    monkeypatch.setattr(infer_py.Runner, "answer", recording)
     cached = infer(ckpt, data, tmp_path / "cached.jsonl", "--latent_mode", "oracle", "--target_cache",
                    str(world["root"] / "cache"))[1]
+    assert torch.equal(torch.cat(fed), targets)
+    fed.clear()
     computed = infer(ckpt, data, tmp_path / "computed.jsonl", "--latent_mode", "oracle")[1]
+    torch.testing.assert_close(torch.cat(fed), targets)
+    monkeypatch.undo()
     assert [r["response"] for r in cached] == [r["response"] for r in computed]
-    rows = read_jsonl(data)[0]
     cfg = parse_config(InferConfig, ["--ckpt", ckpt, *SAMPLED, "--latent_mode", "oracle"])
     runner = Runner(cfg)
     given = torch.stack([world["cache"].get(r["id"], aux_hash(r)).float() for r in rows[:5]])
@@ -192,3 +234,32 @@ def test_compare_pairs_rows_by_id(tmp_path):
     unscored = write_jsonl(tmp_path / "u.jsonl", [dict(id="x0", correct=None)])
     with pytest.raises(DataError, match=r"u.jsonl:1: field 'correct'"):
         compare.main(parse_config(compare.CompareConfig, [unscored, pa]))
+
+
+def test_harness_shuffled_feeds_a_banked_donor(ckpt, world):
+    """The adapter's latent_mode shuffled: a request is answered with the model-mode latents of another request
+    (this call's or an earlier one's) drawn with the seeded generator, the answer the loop gives when fed them;
+    oracle is refused (a benchmark's rows carry no aux image)."""
+    import random
+    import harness
+    from data import open_image, read_jsonl
+    rows = read_jsonl(world["data"])[0][:6]
+    requests = [dict(images=[open_image(r, "image")], text=r["question"], dataset="toy") for r in rows]
+    adapter = harness.GAPModel(ckpt=ckpt, latent_mode="shuffled", max_new_tokens=32, seed=5, output="response")
+    runner = adapter.runner
+    start = runner.tokenizer.convert_tokens_to_ids("<|latent_start|>")
+    model = harness.GAPModel(ckpt=ckpt, max_new_tokens=32, output="response").runner
+    with biased(runner.gap.backbone, start, 0.45), biased(model.gap.backbone, start, 0.45):  # greedy: one span, then text
+        got = adapter.respond(requests[:4]) + adapter.respond(requests[4:])
+        items = [model.encode(open_image(r, "image"), r["question"]) for r in rows]
+        latents = []
+        plain = model.answer(items[:4], latents=latents) + model.answer(items[4:], latents=latents)
+        assert all(x is not None for x in latents)
+        rng = random.Random("shuffle-5-0")
+        given = [latents[rng.choice([i for i in range(4) if i != n])] for n in range(4)]
+        given += [latents[rng.choice([i for i in range(6) if i != n])] for n in (4, 5)]
+        want = model.answer(items[:4], given=torch.stack(given[:4]), sampling=runner.sampling) + \
+            model.answer(items[4:], given=torch.stack(given[4:]), sampling=runner.sampling)
+    assert got == want and got != plain
+    with pytest.raises(DataError, match="oracle"):
+        harness.GAPModel(ckpt=ckpt, latent_mode="oracle")
