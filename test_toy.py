@@ -213,21 +213,22 @@ def test_stats():
 
 def test_quick_full_grid(tmp_path):
     """toy.py --quick --full end to end; the numbers of results.json are recomputed here from the per-example
-    evaluation files, the scored training data and the validation runs."""
+    evaluation files of both test splits (unseen and seen evidence), the scored training data and the validation
+    runs."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "toy.py"), "--quick", "--full", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(tmp_path / "results.json") as f:
         res = json.load(f)  # strict JSON: no NaN
-    test = {r["id"]: r for r in _read(tmp_path / "data" / "test.jsonl")}
     seeds = res["seeds"]
-    assert seeds == [0, 1] and res["n_test"] == len(test) == toy.QUICK["n_test"]
+    assert seeds == [0, 1] and res["eval_splits"] == ["test", "test_seen"]
     # tau: the best GAP of the first seed on the validation split
-    val = {t: sum(r["correct"] for r in _read(tmp_path / "eval" / f"val_tau{t}.jsonl")) / toy.QUICK["n_val"]
-           for t in toy.floats(toy.QUICK["taus"])}
-    assert res["selection_on_val"] == {str(t): pytest.approx(a) for t, a in val.items()}
-    assert res["tau"] == max(val, key=val.get)
+    val = {t: _read(tmp_path / "eval" / f"val_tau{t}.jsonl") for t in toy.floats(toy.QUICK["taus"])}
+    assert res["selection_on_val"] == {str(t): pytest.approx(sum(r["correct"] for r in v) / toy.QUICK["n_val"])
+                                       for t, v in val.items()}
+    assert res["selection_on_val_per_family"] == {str(t): toy.summarize(v)["per_family"] for t, v in val.items()}
+    assert res["tau"] == max(val, key=lambda t: res["selection_on_val"][str(t)])
     tau = res["tau"]
     files = {"base": "base", "dense caption": "dense_s{s}", "GAP": f"pca_K4_tau{tau}_s{{s}}",
              "GAP zero": f"pca_K4_tau{tau}_s{{s}}_zero", "GAP noise": f"pca_K4_tau{tau}_s{{s}}_noise",
@@ -235,33 +236,45 @@ def test_quick_full_grid(tmp_path):
              "GAP oracle": f"pca_K4_tau{tau}_s{{s}}_oracle", "hidden": f"hidden_K4_tau{tau}_s{{s}}",
              "hidden + EMA": f"hidden_K4_tau{tau}_s{{s}}_ema", "full head": f"full_K4_tau{tau}_s{{s}}",
              "GAP no DA": "pca_K4_tau1.0_s{s}", "GAP K=1": f"pca_K1_tau{tau}_s{{s}}"}
-    per_item = {}
-    for label, name in files.items():
-        v = res["variants"][label]
-        for s in seeds:
-            results = _read(tmp_path / "eval" / (name.format(s=s) + ".jsonl"))
-            assert sorted(r["id"] for r in results) == sorted(test)
-            per_item[label, s] = [r["correct"] for r in sorted(results, key=lambda r: r["id"])]
-            if label != "base":
-                assert v["seeds"][str(s)] == pytest.approx(sum(per_item[label, s]) / len(test))
-            if label in ("base", "dense caption", "GAP zero"):  # no span can be opened: never trained, or banned
-                assert not any("<latent>" in r["response"] for r in results)
-            if label == "GAP shuffled":  # donor and placebo: two other rows of the row's evidence pool
-                assert all(toy.evidence_pool(test[r["donor"]]) == toy.evidence_pool(test[r["placebo"]])
-                           == toy.evidence_pool(r) and len({r["id"], r["donor"], r["placebo"]}) == 3
-                           for r in results if "donor" in r)
-        accs = [sum(per_item[label, s]) / len(test) for s in seeds]
-        assert (v["mean"], v["sd"]) == pytest.approx(stats.mean_sd(accs))
-    for c in res["comparisons"]:
-        for m in c["mcnemar"]:
-            a = per_item[c["a"], m["seed"]] if c["a"] != "base" else per_item["base", seeds[0]]
-            b = per_item[c["b"], m["seed"]] if c["b"] != "base" else per_item["base", seeds[0]]
-            assert (m["n10"], m["n01"]) == (sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b)))
-        diff = sum(sum(per_item[c["a"], s]) - sum(per_item[c["b"], s]) for s in seeds) / len(seeds) / len(test)
-        assert c["diff"] == pytest.approx(diff)
+    for split, size in (("test", "n_test"), ("test_seen", "n_test_seen")):
+        test = {r["id"]: r for r in _read(tmp_path / "data" / f"{split}.jsonl")}
+        got = res["splits"][split]
+        assert got["n"] == len(test) == toy.QUICK[size]
+        per_item = {}
+        for label, name in files.items():
+            v = got["variants"][label]
+            for s in seeds:
+                results = _read(tmp_path / "eval" / split / (name.format(s=s) + ".jsonl"))
+                assert sorted(r["id"] for r in results) == sorted(test)
+                per_item[label, s] = sorted(results, key=lambda r: r["id"])
+                if label != "base":
+                    assert v["seeds"][str(s)] == pytest.approx(sum(r["correct"] for r in results) / len(test))
+                if label in ("base", "dense caption", "GAP zero"):  # no span can be opened: never trained, or banned
+                    assert not any("<latent>" in r["response"] for r in results)
+                if label == "GAP shuffled":  # donor and placebo: two other rows of the row's evidence pool
+                    assert all(toy.evidence_pool(test[r["donor"]]) == toy.evidence_pool(test[r["placebo"]])
+                               == toy.evidence_pool(r) and len({r["id"], r["donor"], r["placebo"]}) == 3
+                               for r in results if "donor" in r)
+            accs = [sum(r["correct"] for r in per_item[label, s]) / len(test) for s in seeds]
+            assert (v["mean"], v["sd"]) == pytest.approx(stats.mean_sd(accs))
+        assert {c.get("family") for c in got["comparisons"]} == {None, *toy_world.FAMILIES}
+        for c in got["comparisons"]:
+            def correct(label, s):
+                rows = per_item[label, s if label != "base" else seeds[0]]
+                return [r["correct"] for r in rows if c.get("family") in (None, r["family"])]
+            for m in c["mcnemar"]:
+                a, b = correct(c["a"], m["seed"]), correct(c["b"], m["seed"])
+                assert (m["n10"], m["n01"]) == (sum(x and not y for x, y in zip(a, b)),
+                                                sum(y and not x for x, y in zip(a, b)))
+            diff = sum(sum(correct(c["a"], s)) - sum(correct(c["b"], s)) for s in seeds) / len(seeds)
+            assert c["diff"] == pytest.approx(diff / len(correct(c["a"], seeds[0])))
     scored = _read(tmp_path / "data" / "train.scored.jsonl")
     for t, n in res["difficulty"]["kept_latent"].items():
         assert n == sum(r["accuracy"] <= float(t) for r in scored)
+    for fam, d in res["difficulty"]["per_family"].items():
+        mine = [r for r in scored if r["family"] == fam]
+        assert d["n"] == len(mine) and d["base_accuracy"] == pytest.approx(sum(r["accuracy"] for r in mine) / len(mine))
+        assert d["kept_latent"] == {t: sum(r["accuracy"] <= float(t) for r in mine) for t in d["kept_latent"]}
     assert all(len(r["answers"]) == toy.QUICK["samples"] for r in scored)
     assert abs(res["norms"]["ratio"] / 8.6 - 1) < 0.2  # the 7B regime, measured on validation prompts
     # one aux image gives one target at every K, and distinct aux images distinct targets (one patch per cell at K=4)
@@ -270,11 +283,13 @@ def test_quick_full_grid(tmp_path):
         with open(tmp_path / "data" / r["aux_image"], "rb") as f:
             aux.add(f.read())
     assert res["world"]["train_targets"] == {"1": len(aux), "4": len(aux)}
-    seen = []
-    for r in test.values():
-        with open(tmp_path / "data" / r["aux_image"], "rb") as f:
-            seen.append(f.read() in aux)
-    assert res["world"]["eval_aux_in_train"] == pytest.approx(sum(seen) / len(seen))
+    for split in ("val", "test", "test_seen"):
+        seen = []
+        for r in _read(tmp_path / "data" / f"{split}.jsonl"):
+            with open(tmp_path / "data" / r["aux_image"], "rb") as f:
+                seen.append(f.read() in aux)
+        assert res["world"]["aux_in_train"][split] == pytest.approx(sum(seen) / len(seen))
+    assert res["world"]["aux_in_train"]["test"] == 0 and res["world"]["aux_in_train"]["test_seen"] == 1
     assert res["code"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", res["code"])  # what made the numbers
     for name in ("results.png", "norms.png", "results.md"):
         assert (tmp_path / name).stat().st_size > 0
