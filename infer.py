@@ -4,6 +4,12 @@ load a checkpoint written by train.py and answer with latent reasoning through t
     python infer.py image.png "How many red circles are there?" --ckpt out/gap
     python infer.py --ckpt out/gap --data test.jsonl --latent_mode noise     # batch mode: accuracy vs `answer`
     torchrun --nproc_per_node 8 infer.py --ckpt out/gap --data test.jsonl --batch_size 1   # sharded, table 9
+    # the content controls (controls.py): a first pass that keeps its latents, each row then fed a donor's
+    # (--latent_mode oracle: its aux image's targets), and the paired tests of two results files
+    python infer.py --ckpt out/gap --data test.jsonl --out out/t/model.jsonl --save_latents
+    python infer.py --ckpt out/gap --data test.jsonl --out out/t/shuffled.jsonl --latent_mode shuffled \
+        --donors out/t/model.jsonl --donor_group category
+    python compare.py out/t/model.jsonl out/t/shuffled.jsonl
 
 The query image's pixel budget and the longest prompt are the checkpoint's (as trained) unless --image_min_pixels,
 --image_max_pixels or --max_len say otherwise (the baseline's resolution: README "Reproducing the paper"); a prompt
