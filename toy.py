@@ -42,7 +42,6 @@ answer follows the donor's is reported), oracle (the true test aux image's targe
 import dataclasses
 import json
 import os
-import random
 import shutil
 import time
 from dataclasses import field
@@ -234,18 +233,11 @@ def evidence_pool(r):
 
 def donors(rows, latents, seed):
     """Shuffled control: for each row a donor and a placebo, two other rows of its evidence pool whose GAP run
-    opened a span (seeded). The donor's latents are fed in the row's place; the placebo is fed nothing: how often the
-    row's answer is the placebo's answer is the chance level of "follows the donor". ({id: donor}, {id: placebo})."""
-    rng, pool = random.Random(f"shuffle-{seed}"), {}
-    for r in rows:
-        if r["id"] in latents:
-            pool.setdefault(evidence_pool(r), []).append(r["id"])
-    donor, placebo = {}, {}
-    for r in rows:
-        others = [i for i in pool.get(evidence_pool(r), []) if i != r["id"]]
-        if len(others) >= 2:
-            donor[r["id"]], placebo[r["id"]] = rng.sample(others, 2)
-    return donor, placebo
+    opened a span (seeded; controls.assign_donors, as infer.py --latent_mode shuffled draws them). The donor's
+    latents are fed in the row's place; the placebo is fed nothing: how often the row's answer is the placebo's
+    answer is the chance level of "follows the donor". ({id: donor}, {id: placebo})."""
+    from controls import assign_donors
+    return assign_donors(rows, set(latents), seed, evidence_pool)
 
 
 def oracle_targets(cfg, base, path, K):
