@@ -3,7 +3,8 @@ latent channel) with the paired tests of stats.py: exact McNemar on the per-row 
 of the accuracy difference (95% interval, two-sided p). One line:
 
     python compare.py out/gap/results_model.jsonl out/gap/results_zero.jsonl
-    # results_model - results_zero: 0.6120 - 0.5890 = +0.0230 [-0.0040, +0.0500] bootstrap p 0.098; McNemar 61/38 p 0.027; n 1500
+    # results_model - results_zero: ACC_A - ACC_B = DIFF [LO, HI] bootstrap p P; McNemar N10/N01 p P; n N
+    #   (N10: rows only a answers right, N01: only b; the interval is the bootstrap's 95%)
 
 Rows are paired by id; both files must hold the same ids, each scored (an `answer` in the data), else a one-line
 error names the file and the first id that differs. --json also prints the numbers as one JSON object.

@@ -35,9 +35,11 @@ embedding norm, as in Qwen2.5-VL-7B (paper Fig. 2b). norms.py draws the toy's Fi
 
 Variants, all from the one base on the one data set: base; dense caption (K=0); GAP (pca head, difficulty-aware,
 K=4; --full also K=1 and K=16); full head (LH ablation); hidden (output-as-input) and hidden + EMA calibration;
-GAP without DA (--full; also compared within each family). Controls at evaluation of GAP: zero (span banned), noise (Gaussian PCA latents),
-shuffled (the latents GAP generated for another test example of the same family fed instead; how often the
-answer follows the donor's is reported), oracle (the true test aux image's targets fed: the channel's ceiling).
+GAP without DA (--full; also compared within each family). Controls at evaluation of GAP, on each test split:
+zero (span banned), noise (Gaussian PCA latents), shuffled (the latents GAP generated for another example of the
+same family fed instead; how often the answer follows the donor's is reported, against a placebo), oracle (the
+example's true aux-image targets fed: the channel's ceiling). infer.py runs the same controls on any checkpoint
+and data (controls.py).
 """
 import dataclasses
 import json
@@ -86,7 +88,8 @@ class ToyConfig:
     # 0.5: what --full chose on the validation split among 0.25, 0.5, 0.75 (README "Quick start")
     difficulty_tau: float = field(default=0.5, metadata={"help": "quick start: latent supervision where accuracy <= "
                                                                  "tau (--full chooses it on val among --taus)"})
-    taus: str = field(default="0.25,0.5,0.75,1.0", metadata={"help": "--full: DA thresholds tried on the validation split"})
+    taus: str = field(default="0.25,0.5,0.75,1.0", metadata={"help": "--full: DA thresholds tried on the validation "
+                                                                   "split (1.0: no DA)"})
     max_new_tokens: int = field(default=64, metadata={"help": "generated tokens per answer, latents included"})
     eval_batch: int = field(default=64, metadata={"help": "prompts per generation batch"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default, all cores)"})
@@ -97,7 +100,8 @@ class ToyConfig:
     valr: bool = field(default=False, metadata={"help": "also train and evaluate VaLR (README 'VaLR') per seed"})
 
 
-QUICK = dict(hidden=64, layers=2, n_pretrain=96, n_train=96, n_val=24, n_test=48, n_test_seen=24, base_epochs=2, epochs=2, batch=16,
+QUICK = dict(hidden=64, layers=2, n_pretrain=96, n_train=96, n_val=24, n_test=48, n_test_seen=24, base_epochs=2,
+             epochs=2, batch=16,
              samples=2, max_new_tokens=48, seeds="0,1", taus="0.5,1.0", k_sweep="1")
 
 
@@ -618,8 +622,8 @@ def markdown(res):
     out += ["", "| family | base accuracy on train (mean of samples) | kept latent at tau " +
             ", ".join(d["kept_latent"]) + " |", "|---|---|---|"]
     for f, x in d["per_family"].items():
-        out.append(f"| {f} | {x['base_accuracy']:.3f} | " + ", ".join(f"{k}/{x['n']}" for k in x["kept_latent"].values())
-                   + " |")
+        kept = ", ".join(f"{k}/{x['n']}" for k in x["kept_latent"].values())
+        out.append(f"| {f} | {x['base_accuracy']:.3f} | {kept} |")
     return "\n".join(out) + "\n"
 
 
@@ -664,8 +668,9 @@ def plot(res, path):
     H = top + row * len(labels) + 30
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
+    seen = f"; red: {res['eval_splits'][1]} mean (n={other[0]['n']})" if other else ""
     d.text((8, 8), f"toy world: {res['eval_splits'][0]} accuracy (n={first['n']}), mean over seeds (bar), each seed "
-                   f"(dots)" + (f"; red: {res['eval_splits'][1]} mean (n={other[0]['n']})" if other else ""), fill="black")
+                   f"(dots){seen}", fill="black")
     pw = W - left - 60
     for t in (0, 0.25, 0.5, 0.75, 1.0):
         x = left + t * pw
