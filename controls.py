@@ -114,6 +114,8 @@ class Donors:
                     r = json.loads(line)
                 except ValueError:
                     raise DataError(path, n, "line", "not a JSON result line") from None
+                if not isinstance(r, dict) or "id" not in r:
+                    raise DataError(path, n, "id", "missing: not an infer.py result line")
                 self.results[r["id"]] = r
 
     def eligible(self):

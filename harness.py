@@ -23,6 +23,11 @@ its own row: it is logged and counted at the end. Generation settings (max_new_t
 norm calibration) are the adapter's, not a task's generation kwargs: those are sized for direct answers and would
 cut GAP's reasoning and latent span.
 
+Latent modes (the `latent_mode` keyword): model, zero and noise as in infer.py; shuffled answers each request twice,
+first in model mode (its first-span latents join this rank's bank), then fed the latents of a donor drawn with
+`seed` from the bank without itself (GAPModel.shuffled): a benchmark's rows carry no ids to pair with a first pass
+of infer.py. oracle is refused: a benchmark's rows carry no aux image (run infer.py --data on a JSONL with them).
+
 Latency (paper table 9: wall-clock seconds per sample inside the VLMEvalKit wrapper): `latency_log=PATH` appends,
 from every rank, one JSON line per row: {"dataset", "seconds", "batch", "image_tokens", "rank"} (lmms-eval: and
 "doc_id"), or {"dataset", "error", "rank"} for a row not answered; rank 0 first appends the settings it runs
