@@ -23,6 +23,11 @@ its own row: it is logged and counted at the end. Generation settings (max_new_t
 norm calibration) are the adapter's, not a task's generation kwargs: those are sized for direct answers and would
 cut GAP's reasoning and latent span.
 
+Latent modes (the `latent_mode` keyword): model, zero and noise as in infer.py; shuffled answers each request twice,
+first in model mode (its first-span latents join this rank's bank), then fed the latents of a donor drawn with
+`seed` from the bank without itself (GAPModel.shuffled): a benchmark's rows carry no ids to pair with a first pass
+of infer.py. oracle is refused: a benchmark's rows carry no aux image (run infer.py --data on a JSONL with them).
+
 Latency (paper table 9: wall-clock seconds per sample inside the VLMEvalKit wrapper): `latency_log=PATH` appends,
 from every rank, one JSON line per row: {"dataset", "seconds", "batch", "image_tokens", "rank"} (lmms-eval: and
 "doc_id"), or {"dataset", "error", "rank"} for a row not answered; rank 0 first appends the settings it runs
@@ -34,6 +39,7 @@ import functools
 import json
 import logging
 import os
+import random
 import sys
 import time
 
@@ -115,7 +121,13 @@ class GAPModel:
     def __init__(self, output="answer", latency_log="", device=None, **settings):
         if output not in ("answer", "response"):
             raise DataError(f"output must be 'answer' or 'response', got {output!r}")
-        self.runner = infer.Runner(infer_config(settings), device or rank_device(), flag="the adapter's ckpt")
+        cfg = infer_config(settings)
+        if cfg.latent_mode == "oracle":
+            raise DataError("GAP adapter: latent_mode oracle feeds each row's aux_image targets, which a benchmark's "
+                            "rows do not carry: run infer.py --data on a JSONL with aux_image (controls.py)")
+        self.runner = infer.Runner(cfg, device or rank_device(), flag="the adapter's ckpt")
+        # latent_mode shuffled: the first-span latents of the requests answered so far (model mode), the donors
+        self.bank, self.donor_rng = [], random.Random(f"shuffle-{cfg.seed}-{os.environ.get('RANK', 0)}")
         self.output, self.latency_log = output, latency_log
         self.global_rank = int(os.environ.get("RANK", 0))  # (lmms has a read-only `rank`)
         cfg, runner = self.runner.cfg, self.runner
@@ -144,7 +156,8 @@ class GAPModel:
                 print(f"GAP: not answered, scored as wrong: {log['error']}", file=sys.stderr, flush=True)
             logs.append(log)
         answered = [it for it in items if it is not None]
-        responses = iter(self.runner.answer(answered) if answered else [])
+        answer = self.shuffled if self.runner.cfg.latent_mode == "shuffled" else self.runner.answer
+        responses = iter(answer(answered) if answered else [])
         seconds = (time.perf_counter() - t0) / max(len(answered), 1)
         out = []
         for it, log in zip(items, logs):
@@ -157,6 +170,24 @@ class GAPModel:
         if self.latency_log:
             append_lines(self.latency_log, logs)
         return out
+
+    def shuffled(self, items):
+        """latent_mode shuffled inside a harness, whose rows carry no ids to pair with a first pass: each request
+        is answered twice, first in model mode (its first-span latents join this rank's bank), then fed the
+        latents of a donor drawn (seeded by --seed and the rank) from the bank without itself: any earlier request
+        of this rank, or another of this call; zeros while there is none. The harness scores the second answers."""
+        latents = []
+        self.runner.answer(items, latents=latents, sampling=dataclasses.replace(self.runner.sampling,
+                                                                                latent_mode="model"))
+        first = len(self.bank)
+        self.bank += latents
+        width = self.runner.gap.backbone.get_input_embeddings().embedding_dim
+        zeros = torch.zeros(self.runner.gap.latent_tokens, width)
+        given = []
+        for n in range(len(items)):
+            others = [i for i, x in enumerate(self.bank) if x is not None and i != first + n]
+            given.append(self.bank[self.donor_rng.choice(others)] if others else zeros)
+        return self.runner.answer(items, given=torch.stack(given))
 
 
 # ----------------------------------------------------------------------------------------------------------

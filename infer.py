@@ -4,6 +4,12 @@ load a checkpoint written by train.py and answer with latent reasoning through t
     python infer.py image.png "How many red circles are there?" --ckpt out/gap
     python infer.py --ckpt out/gap --data test.jsonl --latent_mode noise     # batch mode: accuracy vs `answer`
     torchrun --nproc_per_node 8 infer.py --ckpt out/gap --data test.jsonl --batch_size 1   # sharded, table 9
+    # the content controls (controls.py): a first pass that keeps its latents, each row then fed a donor's
+    # (--latent_mode oracle: its aux image's targets), and the paired tests of two results files
+    python infer.py --ckpt out/gap --data test.jsonl --out out/t/model.jsonl --save_latents
+    python infer.py --ckpt out/gap --data test.jsonl --out out/t/shuffled.jsonl --latent_mode shuffled \
+        --donors out/t/model.jsonl --donor_group category
+    python compare.py out/t/model.jsonl out/t/shuffled.jsonl
 
 The query image's pixel budget and the longest prompt are the checkpoint's (as trained) unless --image_min_pixels,
 --image_max_pixels or --max_len say otherwise (the baseline's resolution: README "Reproducing the paper"); a prompt
@@ -41,14 +47,19 @@ import torch.distributed as dist
 from PIL import Image
 
 import sharded
-from answers import answers_match, extract_answer
+import controls
+from answers import answers_match, extract_answer, tagged_answer
 from checkpoint import checkpoint_stamp, load_checkpoint
 from common import (DataError, atomic_write_text, chunk_seed, file_hash, parse_config, reading, run_main,
                     setup_distributed, user_file)
-from data import (DataSpec, collate, encode_prompt, encode_row, n_image_tokens, prompt_text, query_tokens, read_jsonl,
-                  to_rgb, too_long)
+from data import (DataSpec, collate, encode_prompt, encode_row, n_image_tokens, open_image, prompt_text,
+                  query_tokens, read_jsonl, to_rgb, too_long)
 from latent_loop import Sampling
 from stats import percentile
+
+# the latent modes of infer.py: the loop's own, and the content controls that feed it given latents (controls.py)
+MODES = ("model", "zero", "noise", "shuffled", "oracle")
+GIVEN = ("shuffled", "oracle")
 
 
 @dataclasses.dataclass
@@ -59,8 +70,21 @@ class InferConfig:
     ckpt: str = field(default="out/gap", metadata={"help": "checkpoint directory from train.py"})
     data: str = field(default="", metadata={"help": "batch mode: JSONL with id, image, question, answer"})
     out: str = field(default="", metadata={"help": "batch mode results JSONL (default: CKPT/results_MODE.jsonl)"})
-    latent_mode: str = field(default="model", metadata={"help": "latents fed back: model | zero | noise",
-                                                        "choices": ["model", "zero", "noise"]})
+    latent_mode: str = field(default="model", metadata={"help": "latents fed back: model | zero | noise | shuffled "
+                                                                "(another row's, --donors) | oracle (the aux "
+                                                                "image's targets); controls.py",
+                                                        "choices": list(MODES)})
+    save_latents: bool = field(default=False, metadata={"help": "batch mode, latent_mode model: keep each row's "
+                                                               "first-span latents (OUT-stem.latents/), the donors "
+                                                               "of a shuffled run"})
+    donors: str = field(default="", metadata={"help": "latent_mode shuffled: results JSONL of a --latent_mode model "
+                                                      "--save_latents run on the same checkpoint and data"})
+    donor_group: str = field(default="", metadata={"help": "latent_mode shuffled: draw each row's donor among the "
+                                                           "rows with its value of this field (e.g. category); "
+                                                           "'': any row"})
+    target_cache: str = field(default="", metadata={"help": "latent_mode oracle: a targets.py cache of the data's "
+                                                            "aux images ('': computed by the checkpoint's vision "
+                                                            "tower)"})
     norm_calib: str = field(default="none", metadata={"help": "EMA norm calibration of latents (paper table 1)",
                                                       "choices": ["none", "ema"]})
     ema_beta: float = field(default=0.0, metadata={"help": "norm_calib ema: 0 = mean norm of the whole query image; "
@@ -112,39 +136,66 @@ class Runner:
         if self.pixels[0] > self.pixels[1]:
             raise DataError(f"image_min_pixels {self.pixels[0]} > image_max_pixels {self.pixels[1]} ({cfg.ckpt})")
         self.generator = torch.Generator(self.gap.backbone.device).manual_seed(cfg.seed)
-        self.sampling = Sampling.of(cfg, stop_ids=[self.tokenizer.convert_tokens_to_ids(t)
-                                                   for t in ("<|im_end|>", "<|endoftext|>")])
+        # shuffled and oracle feed the loop given latents (its latent_mode "given")
+        loop_cfg = dataclasses.replace(cfg, latent_mode="given") if cfg.latent_mode in GIVEN else cfg
+        self.sampling = Sampling.of(loop_cfg, stop_ids=[self.tokenizer.convert_tokens_to_ids(t)
+                                                        for t in ("<|im_end|>", "<|endoftext|>")])
 
-    def answer(self, items, generators=None):
+    def answer(self, items, generators=None, given=None, latents=None, sampling=None):
         """Responses (latent spans shown as <latent>) for a list of encode_prompt() items, in one generate call;
-        generators: one per item (else the runner's one)."""
+        generators: one per item (else the runner's one); given: (B, K, D) latents fed in every span of each item
+        (latent_mode shuffled / oracle). latents: a list that gets, per item, the (K, D) latents fed in its first
+        span (None without one). sampling: the runner's settings unless given."""
         batch = collate(items, self.tokenizer.pad_token_id, left=True)
         dev = self.gap.backbone.device
-        tokens = self.gap.generate(*(batch[k].to(dev) for k in ("input_ids", "attention_mask", "pixel_values",
-                                                                "image_grid_thw")),
-                                   self.sampling, generator=generators or self.generator)
+        steps = self.gap.steps(*(batch[k].to(dev) for k in ("input_ids", "attention_mask", "pixel_values",
+                                                            "image_grid_thw")),
+                               sampling or self.sampling, generator=generators or self.generator, given=given)
+        if latents is None:
+            tokens = torch.stack([step.token for step in steps], 1)
+        else:  # reading the span's slots costs a host sync per step: only when asked
+            kept = [[] for _ in items]
+            tokens = torch.stack([self.keep_span(step, range(len(items)), kept) for step in steps], 1)
+            latents.extend(self.first_span(k) for k in kept)
         return [self.gap.decode(self.tokenizer, row) for row in tokens.cpu()]
 
+    def keep_span(self, step, jobs, kept):
+        """Add what each row fed in its first span this step to kept[job] (rows of job < 0 are idle); returns
+        the step's tokens."""
+        K = self.gap.latent_tokens
+        if K and step.fed is not None:
+            for r in ((step.slot >= 0) & (step.slot < K)).nonzero()[:, 0].tolist():
+                if jobs[r] >= 0 and len(kept[jobs[r]]) < K:
+                    kept[jobs[r]].append(step.fed[r].float().cpu())
+        return step.token
+
+    def first_span(self, fed):
+        return torch.stack(fed) if fed and len(fed) == self.gap.latent_tokens else None
+
     def answer_continuous(self, items, generators=None):
-        """Yield (index, response, seconds) for each of a list of encode_prompt() items as it finishes, decoded by
-        continuous batching in --batch_size rows; generators: one per item (else the runner's one). seconds: from
-        the end of the step before its prefill to the step after which the loop saw it finish (a stop id is seen
-        at the next read of the rows' state: up to --sync_every - 1 steps later), plus decoding its text."""
+        """Yield (index, response, seconds, latents) for each of a list of encode_prompt() items as it finishes,
+        decoded by continuous batching in --batch_size rows; generators: one per item (else the runner's one).
+        seconds: from the end of the step before its prefill to the step after which the loop saw it finish (a stop
+        id is seen at the next read of the rows' state: up to --sync_every - 1 steps later), plus decoding its text;
+        latents: the (K, D) latents fed in its first span (None without one)."""
         # on the CPU until a row takes them (continuous_steps moves each prompt to the device at its prefill)
         prompts = [{k: it[k] for k in ("input_ids", "pixel_values", "image_grid_thw")} for it in items]
         steps = self.gap.continuous_steps(prompts, min(self.cfg.batch_size, len(items)), self.sampling,
                                           generator=generators or self.generator)
         # row -> its item; item -> the (R,) tokens of each step it held its row, the time its prefill began
         holding, tokens, began = {}, {}, {}
+        kept = [[] for _ in items]  # item -> the latents fed in its first span
 
         def finished(r, i, end):  # an item's tokens are read once, as it finishes (decode stops at the first DONE)
             t0 = time.perf_counter()
             response = self.gap.decode(self.tokenizer, torch.stack(tokens.pop(i))[:, r].cpu())
-            return i, response, end - began.pop(i) + time.perf_counter() - t0
+            return i, response, end - began.pop(i) + time.perf_counter() - t0, self.first_span(kept[i])
 
         before = time.perf_counter()  # the end of the step before (here: before the first prefill)
         for step, job in steps:
             now = time.perf_counter()
+            if self.cfg.save_latents:
+                self.keep_span(step, job.tolist(), kept)
             for r, i in enumerate(job.tolist()):  # job is on the CPU
                 if holding.get(r, -1) not in (-1, i):  # the row moved on: its item's last token was chosen before
                     yield finished(r, holding[r], before)
@@ -156,6 +207,13 @@ class Runner:
         for r, i in holding.items():
             if i in tokens:
                 yield finished(r, i, before)
+
+    @torch.no_grad()
+    def aux_targets(self, image):
+        """The (K, D) vision targets of an aux image by the checkpoint's own vision tower (targets.aux_targets: the
+        resize and tower of target extraction)."""
+        from targets import aux_targets
+        return aux_targets(self.gap.backbone, self.image_processor, [image], self.gap.latent_tokens)[0].float().cpu()
 
     def encode(self, image, question, id="0"):
         """One prompt (an RGB image, data.to_rgb, and the question) as a collate()-able item; a DataError when the
@@ -192,29 +250,37 @@ class Runner:
 # the flags that change results: a resumed run must use the same ones (and the same checkpoint contents);
 # --batch_size and --schedule change only float rounding, and what latency_s means
 RESULT_KEYS = ("ckpt", "data", "latent_mode", "norm_calib", "ema_beta", "max_new_tokens", "temperature", "top_p",
-               "batch_size", "schedule", "seed", "image_min_pixels", "image_max_pixels", "max_len")
+               "batch_size", "schedule", "seed", "image_min_pixels", "image_max_pixels", "max_len", "save_latents",
+               "donors", "donor_group", "target_cache")
 
 
 def example_generators(cfg: InferConfig, rows, device):
     """One generator per example, seeded from (--seed, its id), so that what it samples depends on nothing else;
     None when nothing is sampled (greedy, latent_mode model or zero: the loop draws nothing)."""
-    if cfg.temperature <= 0 and cfg.latent_mode != "noise":
+    if cfg.temperature <= 0 and cfg.latent_mode != "noise":  # shuffled / oracle draw nothing either
         return None
     return [torch.Generator(device).manual_seed(chunk_seed(cfg.seed, r["id"])) for r in rows]
 
 
-def result_line(r, response, seconds):
+def result_line(r, response, seconds, extra=None):
+    """A row's result: the response, its answer scored against `answer`, whether it opened a latent span and
+    whether its answer is well formed (inside an <answer> tag), its latency, and `extra` (the controls' fields)."""
     pred, truth = extract_answer(response), str(r.get("answer", ""))
     return json.dumps(dict(id=r["id"], response=response, pred=pred, answer=truth,
                            correct=answers_match(pred, truth, r["question"]) if truth else None,
-                           latency_s=round(seconds, 6))) + "\n"
+                           span="<latent>" in response, well_formed=tagged_answer(response) != "",
+                           latency_s=round(seconds, 6), **(extra or {}))) + "\n"
 
 
 class Answers(sharded.Producer):
-    """What an example produces in batch mode: the checkpoint's answer, scored against `answer`, timed."""
+    """What an example produces in batch mode: the checkpoint's answer, scored against `answer`, timed; with
+    --save_latents its first-span latents written beside the results (before its result line); shuffled and
+    oracle: the row's given latents fed (controls.py) and named in its result line."""
 
-    def __init__(self, runner: Runner):
+    def __init__(self, runner: Runner, out, given=None):
         self.runner = runner
+        self.given = given  # shuffled / oracle: row -> ((K, D) latents, the fields its result line gets)
+        self.folder = controls.latents_dir(out) if runner.cfg.save_latents else None
 
     def encode(self, row):
         return self.runner.encode_row(row)
@@ -222,26 +288,89 @@ class Answers(sharded.Producer):
     def generators(self, rows):
         return example_generators(self.runner.cfg, rows, self.runner.gap.backbone.device)
 
+    def line(self, r, response, seconds, latents, extra=None):
+        if self.folder:
+            if latents is not None:
+                controls.save_latents(self.folder, r["id"], latents)
+            extra = dict(extra or {}, span_latents=latents is not None)
+        return result_line(r, response, seconds, extra)
+
     def static(self, items, rows, seconds):
         """One generate call; an example's latency is the chunk's wall time (encoding included) / its size."""
         t0 = time.perf_counter()
-        responses = self.runner.answer(items, self.generators(rows))
+        given = [self.given(r) for r in rows] if self.given else None
+        fed = torch.stack([g[0] for g in given]) if given else None
+        latents = [] if self.folder else None
+        responses = self.runner.answer(items, self.generators(rows), given=fed, latents=latents)
         each = (sum(seconds) + time.perf_counter() - t0) / len(items)
-        return [result_line(r, response, each) for r, response in zip(rows, responses)]
+        return [self.line(r, response, each, latents[n] if latents else None, given[n][1] if given else None)
+                for n, (r, response) in enumerate(zip(rows, responses))]
 
     def continuous(self, items, rows, seconds):
-        for i, response, s in self.runner.answer_continuous(items, self.generators(rows)):
-            yield result_line(rows[i], response, seconds[i] + s)
+        for i, response, s, latents in self.runner.answer_continuous(items, self.generators(rows)):
+            yield self.line(rows[i], response, seconds[i] + s, latents)
+
+
+def control_inputs(cfg, runner, rows, run_config):
+    """shuffled / oracle: (given(row) -> ((K, D) latents, result fields), row check, the donors) -- the latents
+    each row's spans are fed; other modes: (None, None, None). Adds to run_config what the results then depend
+    on (the donor file's contents and run config)."""
+    K = runner.gap.latent_tokens
+    if cfg.latent_mode not in GIVEN:
+        return None, None, None
+    if not K:
+        raise DataError(f"{cfg.ckpt}: K=0 (no latent spans): latent_mode {cfg.latent_mode} has nothing to feed")
+    if cfg.latent_mode == "shuffled":
+        if not cfg.donors:
+            raise DataError("latent_mode shuffled needs --donors: the results of infer.py --latent_mode model "
+                            "--save_latents on the same --ckpt and --data (controls.py)")
+        donors = controls.Donors(cfg.donors, run_config["ckpt_stamp"], run_config["data_sha256"])
+        run_config.update(donors_sha256=donors.sha256, donors_config=donors.config)
+        donor_of, placebo_of = controls.assign_donors(rows, donors.eligible(), cfg.seed,
+                                                      controls.group_key(cfg.donor_group))
+        zeros = torch.zeros(K, runner.gap.backbone.get_input_embeddings().embedding_dim)
+
+        def given(r):  # a row whose group has no two other spans is fed zeros, and counted apart
+            d = donor_of.get(r["id"])
+            return (donors.latents(d) if d else zeros), dict(donor=d, placebo=placebo_of.get(r["id"]))
+        return given, None, donors
+    cached, info = controls.oracle_source(cfg.target_cache, K)
+    if cached:
+        run_config.update(target_cache_info=info)  # what made the targets (the vision tower's fingerprint, K)
+
+    def check(r):
+        if not r.get("aux_image"):
+            raise DataError(r["_file"], r["_line"], "aux_image", "latent_mode oracle needs each row's aux_image")
+
+    def given(r):
+        if cached:
+            return cached(r)[:K].float(), {}
+        aux = r["aux_image"] if isinstance(r["aux_image"], str) else r["aux_image"][0]  # the first span's image
+        return runner.aux_targets(open_image(dict(r, aux_image=aux), "aux_image")), {}
+    return given, check, None
 
 
 def run_batch(cfg: InferConfig, runner: Runner):
     """Evaluate on a JSONL: this rank's chunks, resumable (sharded.run); rank 0 returns the summary (else None)."""
     out = cfg.out or os.path.join(cfg.ckpt, f"results_{cfg.latent_mode}.jsonl")
     rows, bad_lines = read_jsonl(cfg.data, cfg.skip_bad, need_response=False)
+    if cfg.save_latents and cfg.latent_mode != "model":
+        raise DataError(f"--save_latents keeps the latents the checkpoint generates: latent_mode model, not "
+                        f"{cfg.latent_mode}")
+    if cfg.latent_mode in GIVEN and cfg.schedule != "static":
+        # the loop feeds given latents in static batches only (latent_loop.latent_steps' `given`)
+        print(f"latent_mode {cfg.latent_mode}: --schedule static (given latents are fed in static batches)")
+        cfg = dataclasses.replace(cfg, schedule="static")
     # what the results depend on: the flags, the checkpoint's contents and the data's (an edited file is not resumed)
     run_config = dict({k: getattr(cfg, k) for k in RESULT_KEYS}, ckpt_stamp=checkpoint_stamp(cfg.ckpt),
                       data_sha256=file_hash(cfg.data))
-    results = sharded.run(rows, out, run_config, runner.check_row, lambda: Answers(runner), cfg.batch_size,
+    given, check, donors = control_inputs(cfg, runner, rows, run_config)
+
+    def check_row(r):
+        runner.check_row(r)
+        if check:
+            check(r)
+    results = sharded.run(rows, out, run_config, check_row, lambda: Answers(runner, out, given), cfg.batch_size,
                           cfg.schedule, cfg.skip_bad, what="answering", desc=f"infer[{cfg.latent_mode}]")
     if results is None:
         return None
@@ -252,20 +381,59 @@ def run_batch(cfg: InferConfig, runner: Runner):
                    ema_beta=cfg.ema_beta, image_min_pixels=runner.pixels[0], image_max_pixels=runner.pixels[1],
                    max_len=runner.spec.max_len,
                    n=len(scored), accuracy=acc, stderr=(acc * (1 - acc) / max(len(scored), 1)) ** 0.5,
+                   span_rate=rate(results, "span"), well_formed_rate=rate(results, "well_formed"),
                    skipped=bad_lines + len(rows) - len(results), batch_size=cfg.batch_size, schedule=cfg.schedule,
                    ranks=dist.get_world_size() if dist.is_initialized() else 1,
                    latency_s=dict(mean=sum(latency) / max(len(latency), 1), p50=percentile(latency, 0.5),
                                   p90=percentile(latency, 0.9)))
+    if donors:
+        summary["shuffled"] = shuffled_summary(results, rows, donors, cfg)
     atomic_write_text(sharded.output_paths(out)[2], json.dumps(summary, indent=2) + "\n")
     lat = summary["latency_s"]
     print(f"accuracy {acc:.4f} +- {summary['stderr']:.4f} on {len(scored)} examples ({summary['skipped']} skipped); "
+          f"opens a span {summary['span_rate']:.3f}, well-formed answer {summary['well_formed_rate']:.3f}; "
           f"latency per example mean {lat['mean']:.3f} s, P50 {lat['p50']:.3f} s, P90 {lat['p90']:.3f} s -> {out}")
+    if donors:
+        sh = summary["shuffled"]
+        for what in ("answer", "pred"):
+            d, p = sh[f"follows_donor_{what}"], sh[f"follows_placebo_{what}"]
+            print(f"follows the donor's {'gold answer' if what == 'answer' else 'own-run answer'}: "
+                  f"{fmt(d['share'])} of {d['n']} rows whose donor's differs; the placebo's (chance): "
+                  f"{fmt(p['share'])} of {p['n']}")
     return summary
+
+
+def rate(results, key):
+    return sum(bool(r[key]) for r in results) / max(len(results), 1)
+
+
+def fmt(x):
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def shuffled_summary(results, rows, donors, cfg):
+    """How often a row answers with its donor's answer, against its placebo's (fed to nobody: chance), of the
+    rows whose donor's (placebo's) answer differs from their own: by the gold `answer`, and by the answer each
+    row got in the donors' model run (`pred`)."""
+    question = {r["id"]: r["question"] for r in rows}
+    res = [dict(r, question=question[r["id"]]) for r in results]
+    donor_of = {r["id"]: r["donor"] for r in results if r.get("donor")}
+    placebo_of = {r["id"]: r["placebo"] for r in results if r.get("placebo")}
+    out = dict(donors=cfg.donors, donor_group=cfg.donor_group, seed=cfg.seed, with_donor=len(donor_of))
+    gold = {r["id"]: str(r.get("answer", "")) for r in rows}
+    pred = {i: d.get("pred", "") for i, d in donors.results.items()}
+    for what, answer_of in (("answer", gold), ("pred", pred)):
+        for name, other in (("donor", donor_of), ("placebo", placebo_of)):
+            keep = {i: o for i, o in other.items() if i in answer_of and o in answer_of}
+            out[f"follows_{name}_{what}"] = controls.follows(res, keep, answer_of, answers_match)
+    return out
 
 
 def main(cfg: InferConfig):
     if not cfg.data and not (cfg.image and cfg.question):
         raise DataError("give an image and a question, or --data a JSONL (see --help)")
+    if cfg.latent_mode in GIVEN and not cfg.data:
+        raise DataError(f"latent_mode {cfg.latent_mode} is a control over a data set: give --data (controls.py)")
     if cfg.data:
         setup_distributed()  # load_checkpoint puts each rank on its own device
         try:

@@ -20,7 +20,7 @@ import toy
 import toy_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SIZES = dict(pretrain=12, train=240, val=6, test=15)
+SIZES = dict(pretrain=12, train=240, val=6, test=15, test_seen=8)
 
 
 def _read(path):
@@ -31,19 +31,19 @@ def _read(path):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    return out, toy_world.write_world(str(out), SIZES, seed=3)
+    return out, toy_world.write_world(str(out), SIZES, seed=3)[0]
 
 
 def test_world_is_seeded(world, tmp_path):
     out, paths = world
-    again = toy_world.write_world(str(tmp_path), SIZES, seed=3)
+    again = toy_world.write_world(str(tmp_path), SIZES, seed=3)[0]
     for split in paths:
         assert _read(paths[split]) == _read(again[split])
         for r in _read(paths[split])[:5]:
             for key in ("image", "aux_image"):
                 with open(os.path.join(out, r[key]), "rb") as a, open(os.path.join(tmp_path, r[key]), "rb") as b:
                     assert a.read() == b.read(), f"{split}/{r['id']}: {key} differs between two seeded runs"
-    other = toy_world.write_world(str(tmp_path / "other"), SIZES, seed=4)
+    other = toy_world.write_world(str(tmp_path / "other"), SIZES, seed=4)[0]
     assert _read(other["train"]) != _read(paths["train"])
 
 
@@ -64,11 +64,11 @@ def test_world_format(world):
     assert fams == set(toy_world.FAMILIES)
 
 
-def _cells(path, grid):
-    """{(row, col): colour name} of the non-white cells of a toy image split into grid x grid cells, checking
-    every cell is one flat colour."""
+def _cells(path, grid, rgb=False):
+    """{(row, col): colour name} (rgb: its RGB) of the non-white cells of a toy image split into grid x grid cells,
+    checking every cell is one flat colour, a shade of a colour of the world."""
     from PIL import Image
-    names = {rgb: name for name, rgb in toy_world.INK.items()}
+    names = toy_world.NAME_OF
     with Image.open(path) as im:
         im = im.convert("RGB")
     cell = im.width // grid
@@ -78,30 +78,42 @@ def _cells(path, grid):
             colours = im.crop((c * cell, r * cell, (c + 1) * cell, (r + 1) * cell)).getcolors()
             assert len(colours) == 1, f"{path}: cell {(r, c)} is not one flat colour: {colours}"
             if colours[0][1] != (255, 255, 255):
-                cells[(r, c)] = names[colours[0][1]]
+                cells[(r, c)] = colours[0][1] if rgb else names[colours[0][1]]
     return cells
 
 
 def test_aux_image_is_the_evidence(world):
-    """The aux image shows what the answer needs, read back from its pixels: the two tallies (compare, total) or
-    the black cell's 2 x 2 block (neighbor) of the query image; the answer follows from it by the question's rule."""
+    """The aux image shows what the answer needs, read back from its pixels (shades included): the two tallies
+    (compare, total), the commonest colour's cells (majority), each in the query's raster order, or the black
+    cell's 2 x 2 block (neighbor) of the query image; the answer follows from it by the question's rule."""
     out, paths = world
+    name = toy_world.NAME_OF
     for split, path in paths.items():
         for r in _read(path):
-            query = _cells(os.path.join(out, r["image"]), 4)
+            query = _cells(os.path.join(out, r["image"]), 4, rgb=True)
+            names = [name[c] for c in query.values()]
+
+            def shades_of(colour):  # the RGBs of a colour's query cells in raster order
+                return [c for p, c in sorted(query.items()) if name[c] == colour]
             if r["family"] in ("compare", "total"):
                 a, b = re.search(r"(?:more|many) (\w+) (?:cells than|and) (\w+) cells", r["question"]).groups()
-                aux = _cells(os.path.join(out, r["aux_image"]), 4)
-                na, nb = list(query.values()).count(a), list(query.values()).count(b)
-                assert aux == {(0, i): a for i in range(na)} | {(2, i): b for i in range(nb)}
+                aux = _cells(os.path.join(out, r["aux_image"]), 4, rgb=True)
+                na, nb = names.count(a), names.count(b)
+                assert aux == ({(0, i): c for i, c in enumerate(shades_of(a))}
+                               | {(2, i): c for i, c in enumerate(shades_of(b))})
                 assert r["answer"] == (("yes" if na > nb else "no") if r["family"] == "compare" else str(na + nb))
+            elif r["family"] == "majority":
+                aux = _cells(os.path.join(out, r["aux_image"]), 4, rgb=True)
+                top = max(set(names), key=names.count)
+                assert names.count(top) > max(names.count(c) for c in set(names) - {top})  # one commonest colour
+                assert aux == {(i // 4, i % 4): c for i, c in enumerate(shades_of(top))} and r["answer"] == top
             else:
-                aux = _cells(os.path.join(out, r["aux_image"]), 2)
-                (black,) = [p for p, c in query.items() if c == "black"]
+                aux = _cells(os.path.join(out, r["aux_image"]), 2, rgb=True)
+                (black,) = [p for p, c in query.items() if c == (0, 0, 0)]
                 block = {(i, j): query[(black[0] + i, black[1] + j)] for i in (0, 1) for j in (0, 1)
                          if (black[0] + i, black[1] + j) in query}
                 assert aux == block
-                assert r["answer"] == aux[(0, 1) if "right of" in r["question"] else (1, 0)]
+                assert r["answer"] == name[aux[(0, 1) if "right of" in r["question"] else (1, 0)]]
 
 
 def test_aux_images_vary_within_an_answer_class(world):
@@ -118,6 +130,30 @@ def test_aux_images_vary_within_an_answer_class(world):
     for fam in toy_world.FAMILIES:
         mine = [len(v) for (f, _), v in by.items() if f == fam]
         assert reported[fam]["min_aux_per_answer"] == min(mine) and reported[fam]["answers"] == len(mine)
+
+
+def test_seen_and_unseen_evidence(world, tmp_path, monkeypatch):
+    """test holds only aux images the train split never showed, test_seen only aux images it showed (each a train
+    example's evidence of the same family, under a query image no split has); a plain draw (val) is mostly new
+    evidence, and write_world reports the share that a plain draw sees, as shared_aux counts it."""
+    out, paths = world
+    train = {}
+    for r in _read(paths["train"]):
+        with open(os.path.join(out, r["aux_image"]), "rb") as f:
+            train.setdefault(f.read(), set()).add(r["family"])
+    for split, want in (("test", False), ("test_seen", True)):
+        for r in _read(paths[split]):
+            with open(os.path.join(out, r["aux_image"]), "rb") as f:
+                fams = train.get(f.read())
+            assert (fams is not None) == want, (split, r["id"])
+            assert not want or r["family"] in fams
+    assert toy_world.shared_aux(paths["test"], paths["train"]) == 0
+    assert toy_world.shared_aux(paths["test_seen"], paths["train"]) == 1
+    # one shade: the compare family has 240 aux images, so plain draws repeat train's evidence often
+    monkeypatch.setattr(toy_world, "SHADES", 1)
+    small, drawn = toy_world.write_world(str(tmp_path), dict(train=120, val=40, test=20), seed=5, families=("compare",))
+    assert drawn["val"] == toy_world.shared_aux(small["val"], small["train"]) > 0.2
+    assert drawn["test"] > 0.2 and toy_world.shared_aux(small["test"], small["train"]) == 0
 
 
 def test_parser_text_never_states_the_answer(world):
@@ -177,21 +213,22 @@ def test_stats():
 
 def test_quick_full_grid(tmp_path):
     """toy.py --quick --full end to end; the numbers of results.json are recomputed here from the per-example
-    evaluation files, the scored training data and the validation runs."""
+    evaluation files of both test splits (unseen and seen evidence), the scored training data and the validation
+    runs."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "toy.py"), "--quick", "--full", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(tmp_path / "results.json") as f:
         res = json.load(f)  # strict JSON: no NaN
-    test = {r["id"]: r for r in _read(tmp_path / "data" / "test.jsonl")}
     seeds = res["seeds"]
-    assert seeds == [0, 1] and res["n_test"] == len(test) == toy.QUICK["n_test"]
+    assert seeds == [0, 1] and res["eval_splits"] == ["test", "test_seen"]
     # tau: the best GAP of the first seed on the validation split
-    val = {t: sum(r["correct"] for r in _read(tmp_path / "eval" / f"val_tau{t}.jsonl")) / toy.QUICK["n_val"]
-           for t in toy.floats(toy.QUICK["taus"])}
-    assert res["selection_on_val"] == {str(t): pytest.approx(a) for t, a in val.items()}
-    assert res["tau"] == max(val, key=val.get)
+    val = {t: _read(tmp_path / "eval" / f"val_tau{t}.jsonl") for t in toy.floats(toy.QUICK["taus"])}
+    assert res["selection_on_val"] == {str(t): pytest.approx(sum(r["correct"] for r in v) / toy.QUICK["n_val"])
+                                       for t, v in val.items()}
+    assert res["selection_on_val_per_family"] == {str(t): toy.summarize(v)["per_family"] for t, v in val.items()}
+    assert res["tau"] == max(val, key=lambda t: res["selection_on_val"][str(t)])
     tau = res["tau"]
     files = {"base": "base", "dense caption": "dense_s{s}", "GAP": f"pca_K4_tau{tau}_s{{s}}",
              "GAP zero": f"pca_K4_tau{tau}_s{{s}}_zero", "GAP noise": f"pca_K4_tau{tau}_s{{s}}_noise",
@@ -199,33 +236,45 @@ def test_quick_full_grid(tmp_path):
              "GAP oracle": f"pca_K4_tau{tau}_s{{s}}_oracle", "hidden": f"hidden_K4_tau{tau}_s{{s}}",
              "hidden + EMA": f"hidden_K4_tau{tau}_s{{s}}_ema", "full head": f"full_K4_tau{tau}_s{{s}}",
              "GAP no DA": "pca_K4_tau1.0_s{s}", "GAP K=1": f"pca_K1_tau{tau}_s{{s}}"}
-    per_item = {}
-    for label, name in files.items():
-        v = res["variants"][label]
-        for s in seeds:
-            results = _read(tmp_path / "eval" / (name.format(s=s) + ".jsonl"))
-            assert sorted(r["id"] for r in results) == sorted(test)
-            per_item[label, s] = [r["correct"] for r in sorted(results, key=lambda r: r["id"])]
-            if label != "base":
-                assert v["seeds"][str(s)] == pytest.approx(sum(per_item[label, s]) / len(test))
-            if label in ("base", "dense caption", "GAP zero"):  # no span can be opened: never trained, or banned
-                assert not any("<latent>" in r["response"] for r in results)
-            if label == "GAP shuffled":  # donor and placebo: two other rows of the row's evidence pool
-                assert all(toy.evidence_pool(test[r["donor"]]) == toy.evidence_pool(test[r["placebo"]])
-                           == toy.evidence_pool(r) and len({r["id"], r["donor"], r["placebo"]}) == 3
-                           for r in results if "donor" in r)
-        accs = [sum(per_item[label, s]) / len(test) for s in seeds]
-        assert (v["mean"], v["sd"]) == pytest.approx(stats.mean_sd(accs))
-    for c in res["comparisons"]:
-        for m in c["mcnemar"]:
-            a = per_item[c["a"], m["seed"]] if c["a"] != "base" else per_item["base", seeds[0]]
-            b = per_item[c["b"], m["seed"]] if c["b"] != "base" else per_item["base", seeds[0]]
-            assert (m["n10"], m["n01"]) == (sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b)))
-        diff = sum(sum(per_item[c["a"], s]) - sum(per_item[c["b"], s]) for s in seeds) / len(seeds) / len(test)
-        assert c["diff"] == pytest.approx(diff)
+    for split, size in (("test", "n_test"), ("test_seen", "n_test_seen")):
+        test = {r["id"]: r for r in _read(tmp_path / "data" / f"{split}.jsonl")}
+        got = res["splits"][split]
+        assert got["n"] == len(test) == toy.QUICK[size]
+        per_item = {}
+        for label, name in files.items():
+            v = got["variants"][label]
+            for s in seeds:
+                results = _read(tmp_path / "eval" / split / (name.format(s=s) + ".jsonl"))
+                assert sorted(r["id"] for r in results) == sorted(test)
+                per_item[label, s] = sorted(results, key=lambda r: r["id"])
+                if label != "base":
+                    assert v["seeds"][str(s)] == pytest.approx(sum(r["correct"] for r in results) / len(test))
+                if label in ("base", "dense caption", "GAP zero"):  # no span can be opened: never trained, or banned
+                    assert not any("<latent>" in r["response"] for r in results)
+                if label == "GAP shuffled":  # donor and placebo: two other rows of the row's evidence pool
+                    assert all(toy.evidence_pool(test[r["donor"]]) == toy.evidence_pool(test[r["placebo"]])
+                               == toy.evidence_pool(r) and len({r["id"], r["donor"], r["placebo"]}) == 3
+                               for r in results if "donor" in r)
+            accs = [sum(r["correct"] for r in per_item[label, s]) / len(test) for s in seeds]
+            assert (v["mean"], v["sd"]) == pytest.approx(stats.mean_sd(accs))
+        assert {c.get("family") for c in got["comparisons"]} == {None, *toy_world.FAMILIES}
+        for c in got["comparisons"]:
+            def correct(label, s):
+                rows = per_item[label, s if label != "base" else seeds[0]]
+                return [r["correct"] for r in rows if c.get("family") in (None, r["family"])]
+            for m in c["mcnemar"]:
+                a, b = correct(c["a"], m["seed"]), correct(c["b"], m["seed"])
+                assert (m["n10"], m["n01"]) == (sum(x and not y for x, y in zip(a, b)),
+                                                sum(y and not x for x, y in zip(a, b)))
+            diff = sum(sum(correct(c["a"], s)) - sum(correct(c["b"], s)) for s in seeds) / len(seeds)
+            assert c["diff"] == pytest.approx(diff / len(correct(c["a"], seeds[0])))
     scored = _read(tmp_path / "data" / "train.scored.jsonl")
     for t, n in res["difficulty"]["kept_latent"].items():
         assert n == sum(r["accuracy"] <= float(t) for r in scored)
+    for fam, d in res["difficulty"]["per_family"].items():
+        mine = [r for r in scored if r["family"] == fam]
+        assert d["n"] == len(mine) and d["base_accuracy"] == pytest.approx(sum(r["accuracy"] for r in mine) / len(mine))
+        assert d["kept_latent"] == {t: sum(r["accuracy"] <= float(t) for r in mine) for t in d["kept_latent"]}
     assert all(len(r["answers"]) == toy.QUICK["samples"] for r in scored)
     assert abs(res["norms"]["ratio"] / 8.6 - 1) < 0.2  # the 7B regime, measured on validation prompts
     # one aux image gives one target at every K, and distinct aux images distinct targets (one patch per cell at K=4)
@@ -234,11 +283,13 @@ def test_quick_full_grid(tmp_path):
         with open(tmp_path / "data" / r["aux_image"], "rb") as f:
             aux.add(f.read())
     assert res["world"]["train_targets"] == {"1": len(aux), "4": len(aux)}
-    seen = []
-    for r in test.values():
-        with open(tmp_path / "data" / r["aux_image"], "rb") as f:
-            seen.append(f.read() in aux)
-    assert res["world"]["eval_aux_in_train"] == pytest.approx(sum(seen) / len(seen))
+    for split in ("val", "test", "test_seen"):
+        seen = []
+        for r in _read(tmp_path / "data" / f"{split}.jsonl"):
+            with open(tmp_path / "data" / r["aux_image"], "rb") as f:
+                seen.append(f.read() in aux)
+        assert res["world"]["aux_in_train"][split] == pytest.approx(sum(seen) / len(seen))
+    assert res["world"]["aux_in_train"]["test"] == 0 and res["world"]["aux_in_train"]["test_seen"] == 1
     assert res["code"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", res["code"])  # what made the numbers
     for name in ("results.png", "norms.png", "results.md"):
         assert (tmp_path / name).stat().st_size > 0

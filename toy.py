@@ -4,22 +4,29 @@ latents carry (paper sections 3-5: the norm gap of Fig. 2 / Table 1, the variant
 
     python toy.py            # quick start: one seed, the core variants and controls (README "Quick start")
     python toy.py --full     # the whole grid: 3 seeds, K in {1,4,16}, every variant, tau chosen on validation
+                             # (the sweep, 1.0 = no DA included, reported per family)
     python toy.py --quick    # the quick start at smoke-test size (test_toy.py runs it)
 
 Task families (toy_world.py). Query images are 4 x 4 grids of flat-colour 28 px cells (one merged vision token
-each). The auxiliary
-image is never shown to the student, only its frozen-tower embeddings (the latent targets); it differs between
-examples that share an answer, and the <parser> text describes it without stating the answer:
+each); every colour comes in 6 shades, a nuisance that gives the evidence room (a test aux image is rarely one
+training showed). The auxiliary image is never shown to the student, only its frozen-tower embeddings (the latent
+targets); it differs between examples that share an answer, and the <parser> text describes it without stating
+the answer:
   compare  "Are there more red cells than blue cells?"  -> yes/no     aux: the red cells lined up in row 1, the
-           blue ones in row 3 (two tallies; the answer needs a comparison after them)
+           blue ones in row 3, shades kept (two tallies; the answer needs a comparison after them)
   total    "How many red and blue cells are there together?" -> 3..7  aux: the same two tallies (the answer
            needs an addition after them; the parser names the two counts, never their sum)
   neighbor "What colour is the cell right of the black cell?" -> colour   aux: the 2 x 2 block with the black
            cell at its top left, zoomed in (the answer is one of its four cells; the parser names none)
+  majority "Which colour covers most of the grid?" -> colour   aux: the 9-12 cells of that colour lined up. The
+           easy family: the base answers it without reasoning, so difficulty-aware assignment has examples to
+           leave without a span (the paper's claim is about those)
 
 Splits: `pretrain` (the base is trained on it, answering directly: the stand-in for a pretrained VLM, so that
 difficulty is measured on examples the base never saw), `train` (difficulty, every fine-tuned variant), `val`
-(the only split settings are chosen on), `test` (evaluated once per final configuration).
+(the only split settings are chosen on; drawn as it comes), `test` (unseen evidence: only examples whose aux image
+the train split never showed) and `test_seen` (seen evidence: each example the evidence of a train example of its
+family under a new query image); every variant and control is evaluated once on each of the two test splits.
 
 The 7B norm regime (--norm_ratio 8.6): the base's vision tower output is scaled x40 (vision embeddings tens of
 times the text-embedding norm, 7B: ~50x), and after the base stage its final norm weight is multiplied by c and its LM head
@@ -28,14 +35,15 @@ embedding norm, as in Qwen2.5-VL-7B (paper Fig. 2b). norms.py draws the toy's Fi
 
 Variants, all from the one base on the one data set: base; dense caption (K=0); GAP (pca head, difficulty-aware,
 K=4; --full also K=1 and K=16); full head (LH ablation); hidden (output-as-input) and hidden + EMA calibration;
-GAP without DA (--full). Controls at evaluation of GAP: zero (span banned), noise (Gaussian PCA latents),
-shuffled (the latents GAP generated for another test example of the same family fed instead; how often the
-answer follows the donor's is reported), oracle (the true test aux image's targets fed: the channel's ceiling).
+GAP without DA (--full; also compared within each family). Controls at evaluation of GAP, on each test split:
+zero (span banned), noise (Gaussian PCA latents), shuffled (the latents GAP generated for another example of the
+same family fed instead; how often the answer follows the donor's is reported, against a placebo), oracle (the
+example's true aux-image targets fed: the channel's ceiling). infer.py runs the same controls on any checkpoint
+and data (controls.py).
 """
 import dataclasses
 import json
 import os
-import random
 import shutil
 import time
 from dataclasses import field
@@ -57,7 +65,9 @@ class ToyConfig:
     n_pretrain: int = field(default=3000, metadata={"help": "base-stage examples (disjoint from train)"})
     n_train: int = field(default=3000, metadata={"help": "fine-tuning examples (split evenly over families)"})
     n_val: int = field(default=300, metadata={"help": "validation examples (settings are chosen here only)"})
-    n_test: int = field(default=600, metadata={"help": "test examples"})
+    n_test: int = field(default=600, metadata={"help": "test examples (unseen evidence: no aux image of train)"})
+    n_test_seen: int = field(default=300, metadata={"help": "test_seen examples (the evidence of a train example "
+                                                           "under a new query image)"})
     image_size: int = field(default=112, metadata={"help": "image side in px (112: 4x4 cells, one vision token each)"})
     hidden: int = field(default=128, metadata={"help": "decoder width d of the tiny Qwen2.5-VL"})
     layers: int = field(default=4, metadata={"help": "decoder layers of the tiny Qwen2.5-VL"})
@@ -78,17 +88,20 @@ class ToyConfig:
     # 0.5: what --full chose on the validation split among 0.25, 0.5, 0.75 (README "Quick start")
     difficulty_tau: float = field(default=0.5, metadata={"help": "quick start: latent supervision where accuracy <= "
                                                                  "tau (--full chooses it on val among --taus)"})
-    taus: str = field(default="0.25,0.5,0.75", metadata={"help": "--full: DA thresholds tried on the validation split"})
+    taus: str = field(default="0.25,0.5,0.75,1.0", metadata={"help": "--full: DA thresholds tried on the validation "
+                                                                   "split (1.0: no DA)"})
     max_new_tokens: int = field(default=64, metadata={"help": "generated tokens per answer, latents included"})
     eval_batch: int = field(default=64, metadata={"help": "prompts per generation batch"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default, all cores)"})
-    eval_split: str = field(default="test", metadata={"help": "the split evaluated: test, or val while developing "
-                                                                "the world (so no design choice sees the test split)",
+    eval_split: str = field(default="test", metadata={"help": "the splits evaluated: test (unseen evidence) and "
+                                                                "test_seen, or val while developing the world (so no "
+                                                                "design choice sees a test split)",
                                                         "choices": ["test", "val"]})
     valr: bool = field(default=False, metadata={"help": "also train and evaluate VaLR (README 'VaLR') per seed"})
 
 
-QUICK = dict(hidden=64, layers=2, n_pretrain=96, n_train=96, n_val=24, n_test=48, base_epochs=2, epochs=2, batch=16,
+QUICK = dict(hidden=64, layers=2, n_pretrain=96, n_train=96, n_val=24, n_test=48, n_test_seen=24, base_epochs=2,
+             epochs=2, batch=16,
              samples=2, max_new_tokens=48, seeds="0,1", taus="0.5,1.0", k_sweep="1")
 
 
@@ -224,18 +237,11 @@ def evidence_pool(r):
 
 def donors(rows, latents, seed):
     """Shuffled control: for each row a donor and a placebo, two other rows of its evidence pool whose GAP run
-    opened a span (seeded). The donor's latents are fed in the row's place; the placebo is fed nothing: how often the
-    row's answer is the placebo's answer is the chance level of "follows the donor". ({id: donor}, {id: placebo})."""
-    rng, pool = random.Random(f"shuffle-{seed}"), {}
-    for r in rows:
-        if r["id"] in latents:
-            pool.setdefault(evidence_pool(r), []).append(r["id"])
-    donor, placebo = {}, {}
-    for r in rows:
-        others = [i for i in pool.get(evidence_pool(r), []) if i != r["id"]]
-        if len(others) >= 2:
-            donor[r["id"]], placebo[r["id"]] = rng.sample(others, 2)
-    return donor, placebo
+    opened a span (seeded; controls.assign_donors, as infer.py --latent_mode shuffled draws them). The donor's
+    latents are fed in the row's place; the placebo is fed nothing: how often the row's answer is the placebo's
+    answer is the chance level of "follows the donor". ({id: donor}, {id: placebo})."""
+    from controls import assign_donors
+    return assign_donors(rows, set(latents), seed, evidence_pool)
 
 
 def oracle_targets(cfg, base, path, K):
@@ -276,6 +282,10 @@ COMPARISONS = [("GAP", "GAP zero"), ("GAP", "GAP shuffled"), ("GAP", "GAP noise"
                ("GAP", "GAP K=16"), ("VaLR", "GAP"), ("VaLR", "hidden")]
 
 
+# (a, b) tested within each family too: difficulty-aware assignment should matter where the base already answers
+FAMILY_COMPARISONS = [("GAP", "GAP no DA")]
+
+
 def ints(text):
     return [int(x) for x in text.split(",") if x]
 
@@ -304,9 +314,10 @@ def summarize(res):
                             sum(r["family"] == f for r in res) for f in fams})
 
 
-def compare(evals, a, b, seeds):
-    """Paired statistics of variant a vs b on the test items: per seed an exact McNemar test; over all seeds a
-    paired bootstrap that resamples the items and the seeds (its interval and p include the seed spread)."""
+def compare(evals, a, b, seeds, family=None):
+    """Paired statistics of variant a vs b on the test items (or those of one family): per seed an exact McNemar
+    test; over all seeds a paired bootstrap that resamples the items and the seeds (its interval and p include
+    the seed spread)."""
     import stats
     if a not in evals or b not in evals:
         return None
@@ -316,12 +327,13 @@ def compare(evals, a, b, seeds):
         ids = [r["id"] for r in res]
         if ids != [r["id"] for r in evals[a][next(iter(evals[a]))]]:
             raise ValueError(f"{label} (seed {s}) is not scored on {a}'s items in {a}'s order: no pairing")
-        return [r["correct"] for r in res]
+        return [r["correct"] for r in res if family in (None, r["family"])]
 
     mc = [dict(seed=s, **dict(zip(("n10", "n01", "p"), stats.mcnemar(per_item(a, s), per_item(b, s)))))
           for s in seeds]
     boot = stats.paired_bootstrap(*[[per_item(x, s) for s in seeds] for x in (a, b)])
-    return dict(a=a, b=b, diff=boot["diff"], lo=boot["lo"], hi=boot["hi"], p_bootstrap=boot["p"], mcnemar=mc)
+    return dict(a=a, b=b, diff=boot["diff"], lo=boot["lo"], hi=boot["hi"], p_bootstrap=boot["p"], mcnemar=mc,
+                **({"family": family} if family else {}))
 
 
 def follows(res, other_of, answer_of):
@@ -331,6 +343,33 @@ def follows(res, other_of, answer_of):
     items = [r for r in res if r["id"] in other_of and answer_of[other_of[r["id"]]] != r["answer"]]
     other = sum(bool(answers_match(r["pred"], answer_of[other_of[r["id"]]], "")) for r in items)
     return dict(n=len(items), other=other / max(1, len(items)), own=sum(r["correct"] for r in items) / max(1, len(items)))
+
+
+def eval_path(cfg, split, name):
+    """Where a checkpoint's answers on a split are written: OUT/eval/SPLIT/NAME.jsonl (the folder made)."""
+    os.makedirs(os.path.join(cfg.out, "eval", split), exist_ok=True)
+    return os.path.join(cfg.out, "eval", split, f"{name}.jsonl")
+
+
+def report(evals, seeds, n, shuffled):
+    """One split's numbers: per variant accuracy (mean +- s.d. over seeds, per family, span and answer rates);
+    the paired comparisons, over all items and (FAMILY_COMPARISONS) per family; the shuffled control."""
+    import stats
+    variants = {}
+    for label, by_seed in evals.items():
+        runs = {s: summarize(res) for s, res in by_seed.items()}
+        accs = [x["accuracy"] for x in runs.values()]
+        mean, sd = stats.mean_sd(accs)
+        fams = next(iter(runs.values()))["per_family"]
+        variants[label] = dict(mean=mean, sd=sd, seeds={str(s): a for s, a in zip(runs, accs)},
+                               per_family={f: stats.mean_sd([x["per_family"][f] for x in runs.values()])[0]
+                                           for f in fams},
+                               latent_rate=stats.mean_sd([x["latent_rate"] for x in runs.values()])[0],
+                               answer_rate=stats.mean_sd([x["answer_rate"] for x in runs.values()])[0])
+    comparisons = [c for a, b in COMPARISONS if (c := compare(evals, a, b, seeds))]
+    fams = sorted({r["family"] for r in evals["base"]["all"]})
+    comparisons += [c for a, b in FAMILY_COMPARISONS for f in fams if (c := compare(evals, a, b, seeds, f))]
+    return dict(n=n, variants=variants, comparisons=comparisons, shuffled=shuffled)
 
 
 def run(cfg: ToyConfig):
@@ -354,13 +393,17 @@ def run(cfg: ToyConfig):
     os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
 
     # 1. the world
-    sizes = dict(pretrain=cfg.n_pretrain, train=cfg.n_train, val=cfg.n_val, test=cfg.n_test)
-    paths = write_world(os.path.join(cfg.out, "data"), sizes, cfg.seed, cfg.image_size)
+    sizes = dict(pretrain=cfg.n_pretrain, train=cfg.n_train, val=cfg.n_val, test=cfg.n_test,
+                 test_seen=cfg.n_test_seen)
+    paths, drawn = write_world(os.path.join(cfg.out, "data"), sizes, cfg.seed, cfg.image_size)
     print(f"world: {check_world(paths)} unique (image, question) pairs over {', '.join(SPLITS)} -> {cfg.out}/data")
     rows = {s: read_jsonl(p)[0] for s, p in paths.items()}
-    world = {s: world_stats(paths[s]) for s in ("train", "test")} | {"train_targets": {}}
-    world["eval_aux_in_train"] = shared_aux(paths[cfg.eval_split], paths["train"])  # the oracle's aux images seen?
-    test = rows[cfg.eval_split]
+    # the splits evaluated: unseen evidence (test) and seen evidence (test_seen), or val while developing the world
+    splits = ["test", "test_seen"] if cfg.eval_split == "test" else ["val"]
+    world = {s: world_stats(paths[s]) for s in ("train", *splits)} | {"train_targets": {}}
+    # the share of each split's aux images that train shows (the oracle's evidence seen?), and of a plain draw
+    world["aux_in_train"] = {s: shared_aux(paths[s], paths["train"]) for s in ("val", *splits)}
+    world["plain_draw_aux_in_train"] = {s: drawn[s] for s in ("val", "test")}
 
     # 2. the base: a tiny Qwen2.5-VL trained to answer directly on the pretrain split, then the 7B norm regime
     tiny_dir = tiny.build_tiny(os.path.join(cfg.out, "tiny"), cfg.hidden, cfg.layers, seed=cfg.seed,
@@ -388,95 +431,97 @@ def run(cfg: ToyConfig):
         pca_paths[k] = os.path.join(cache_dir, f"pca_K{k}.safetensors")
         pca_lib.save(pca_paths[k], bases[k])
         print(f"PCA K={k}: k={bases[k]['k']} of d={bases[k]['P'].shape[0]}, rel_mse={bases[k]['rel_mse']:.4f}")
-    oracle = oracle_targets(cfg, base, paths[cfg.eval_split], K)
+    oracle = {split: oracle_targets(cfg, base, paths[split], K) for split in splits}
 
     # 4. difficulty of the train split under the base (which never saw it)
     scored_path = os.path.join(cfg.out, "data", "train.scored.jsonl")
     scored = difficulty(cfg, base, paths["train"], scored_path)
     taus = sorted({0.0, cfg.difficulty_tau, 1.0} | (set(floats(cfg.taus)) if cfg.full else set()))
     kept = {str(t): sum(r["accuracy"] <= t for r in scored) for t in taus}
+    fams = sorted({r["family"] for r in scored})
+    by_family = {f: dict(base_accuracy=sum(r["accuracy"] for r in scored if r["family"] == f)
+                         / sum(r["family"] == f for r in scored),
+                         kept_latent={str(t): sum(r["accuracy"] <= t for r in scored if r["family"] == f)
+                                      for t in taus},
+                         n=sum(r["family"] == f for r in scored)) for f in fams}
     print(f"difficulty: examples kept latent at tau {kept} of {len(scored)}")
 
     # 5. tau: the quick start's default, or (--full) the best GAP of the first seed on the validation split
-    selection, tau = {}, cfg.difficulty_tau
+    selection, selection_family, tau = {}, {}, cfg.difficulty_tau
     if cfg.full:
         gap_kw = dict(latent_tokens=K, latent_head="pca")
         for t in floats(cfg.taus):
             ckpt = fine_tune(cfg, gap_kw, t, seeds[0], base, scored_path, pca_paths)
             res, _ = evaluate(cfg, ckpt, rows["val"], os.path.join(cfg.out, "eval", f"val_tau{t}.jsonl"))
             selection[str(t)] = summarize(res)["accuracy"]
+            selection_family[str(t)] = summarize(res)["per_family"]
         tau = max(floats(cfg.taus), key=lambda t: selection[str(t)])  # ties: the first listed
         print(f"tau on val: {selection} -> {tau}")
 
-    # 6. the variants per seed, evaluated on the test split (base: once, it is the same for every seed)
-    evals = {"base": {"all": evaluate(cfg, base, test, os.path.join(cfg.out, "eval", "base.jsonl"))[0]}}
-    fed_norms, shuffled = {}, []
-    answer_of = {r["id"]: r["answer"] for r in test}
+    # 6. the variants per seed, evaluated on each split (base: once, it is the same for every seed)
+    evals = {sp: {"base": {"all": evaluate(cfg, base, rows[sp], eval_path(cfg, sp, "base"))[0]}} for sp in splits}
+    fed_norms, shuffled = {}, {sp: [] for sp in splits}
     for s in seeds:
         for label, kw in train_variants(cfg, K, cfg.full).items():
             ckpt = fine_tune(cfg, kw, tau, s, base, scored_path, pca_paths)
             name = os.path.basename(ckpt)
-            res, lat = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}.jsonl"))
-            evals.setdefault(label, {})[s] = res
-            fed_norms.setdefault(label, []).extend(v.norm(dim=-1).mean().item() for v in lat.values())
-            if label == "hidden":
-                res, lat = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}_ema.jsonl"),
-                                    norm_calib="ema")
-                evals.setdefault("hidden + EMA", {})[s] = res
-                fed_norms.setdefault("hidden + EMA", []).extend(v.norm(dim=-1).mean().item() for v in lat.values())
-            if label != "GAP":
-                continue
-            for mode in ("zero", "noise"):
-                res, _ = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}_{mode}.jsonl"), mode,
-                                  seed=s)  # noise: each fine-tuning seed its own draws
-                evals.setdefault(f"GAP {mode}", {})[s] = res
-            donor_of, placebo_of = donors(test, lat, s)
-            zeros = torch.zeros_like(next(iter(oracle.values())))  # a row whose pool has no two other spans
-            given = {r["id"]: lat[donor_of[r["id"]]] if r["id"] in donor_of else zeros for r in test}
-            res, _ = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}_shuffled.jsonl"), "given",
-                              given=given, seed=s, tags={i: dict(donor=d, placebo=placebo_of[i])
-                                                         for i, d in donor_of.items()})
-            evals.setdefault("GAP shuffled", {})[s] = res
-            for fam in sorted({r["family"] for r in res}):
-                mine = [r for r in res if r["family"] == fam]
-                d, p = follows(mine, donor_of, answer_of), follows(mine, placebo_of, answer_of)
-                shuffled.append(dict(seed=s, family=fam, n=d["n"], donor=d["other"], own=d["own"], placebo_n=p["n"],
-                                     placebo=p["other"]))
-            res, _ = evaluate(cfg, ckpt, test, os.path.join(cfg.out, "eval", f"{name}_oracle.jsonl"),
-                              "given", given=oracle)
-            evals.setdefault("GAP oracle", {})[s] = res
-        if cfg.valr:
-            evals.setdefault("VaLR", {})[s] = evaluate(cfg, train_valr(cfg, base, scored_path, pca_paths[K], tau, s),
-                                                       test, os.path.join(cfg.out, "eval", f"valr_s{s}.jsonl"))[0]
+            for sp in splits:
+                test, ev = rows[sp], evals[sp]
+                res, lat = evaluate(cfg, ckpt, test, eval_path(cfg, sp, name))
+                ev.setdefault(label, {})[s] = res
+                if sp == splits[0]:
+                    fed_norms.setdefault(label, []).extend(v.norm(dim=-1).mean().item() for v in lat.values())
+                if label == "hidden":
+                    res, lat = evaluate(cfg, ckpt, test, eval_path(cfg, sp, f"{name}_ema"), norm_calib="ema")
+                    ev.setdefault("hidden + EMA", {})[s] = res
+                    if sp == splits[0]:
+                        fed_norms.setdefault("hidden + EMA", []).extend(v.norm(dim=-1).mean().item()
+                                                                        for v in lat.values())
+                if label != "GAP":
+                    continue
+                for mode in ("zero", "noise"):
+                    res, _ = evaluate(cfg, ckpt, test, eval_path(cfg, sp, f"{name}_{mode}"), mode,
+                                      seed=s)  # noise: each fine-tuning seed its own draws
+                    ev.setdefault(f"GAP {mode}", {})[s] = res
+                donor_of, placebo_of = donors(test, lat, s)
+                zeros = torch.zeros_like(next(iter(oracle[sp].values())))  # a row whose pool has no two other spans
+                given = {r["id"]: lat[donor_of[r["id"]]] if r["id"] in donor_of else zeros for r in test}
+                res, _ = evaluate(cfg, ckpt, test, eval_path(cfg, sp, f"{name}_shuffled"), "given",
+                                  given=given, seed=s, tags={i: dict(donor=d, placebo=placebo_of[i])
+                                                             for i, d in donor_of.items()})
+                ev.setdefault("GAP shuffled", {})[s] = res
+                answer_of = {r["id"]: r["answer"] for r in test}
+                for fam in sorted({r["family"] for r in res}):
+                    mine = [r for r in res if r["family"] == fam]
+                    d, p = follows(mine, donor_of, answer_of), follows(mine, placebo_of, answer_of)
+                    shuffled[sp].append(dict(seed=s, family=fam, n=d["n"], donor=d["other"], own=d["own"],
+                                             placebo_n=p["n"], placebo=p["other"]))
+                res, _ = evaluate(cfg, ckpt, test, eval_path(cfg, sp, f"{name}_oracle"), "given",
+                                  given=oracle[sp])
+                ev.setdefault("GAP oracle", {})[s] = res
+            if cfg.valr:
+                ckpt = train_valr(cfg, base, scored_path, pca_paths[K], tau, s)
+                for sp in splits:
+                    evals[sp].setdefault("VaLR", {})[s] = evaluate(cfg, ckpt, rows[sp],
+                                                                   eval_path(cfg, sp, f"valr_s{s}"))[0]
 
     # 7. Fig. 2 of the first GAP: layer-wise norms, final state vs vision embeddings vs what GAP feeds back
     import norms as norms_py
     from checkpoint import load_checkpoint
     gap0 = fine_tune(cfg, dict(latent_tokens=K, latent_head="pca"), tau, seeds[0], base, scored_path, pca_paths)
     g, tok, ip, _ = load_checkpoint(gap0, "cpu", torch.float32)
-    fig2 = norms_py.profile(g.backbone, prompt_batch(tok, ip, test[:64]), head=g.head)
+    fig2 = norms_py.profile(g.backbone, prompt_batch(tok, ip, rows[splits[0]][:64]), head=g.head)
     norms_py.plot(fig2, os.path.join(cfg.out, "norms.png"))
     norms["gap_checkpoint"] = dict(ratio=fig2["ratio"], reconstruction=fig2.get("reconstruction"),
                                    vision_embed=fig2["vision_embed"])
     norms["fed_back"] = {label: sum(v) / len(v) for label, v in fed_norms.items() if v}
 
-    # 8. statistics and reports
-    import stats
-    variants = {}
-    for label, by_seed in evals.items():
-        runs = {s: summarize(res) for s, res in by_seed.items()}
-        accs = [x["accuracy"] for x in runs.values()]
-        mean, sd = stats.mean_sd(accs)
-        fams = next(iter(runs.values()))["per_family"]
-        variants[label] = dict(mean=mean, sd=sd, seeds={str(s): a for s, a in zip(runs, accs)},
-                               per_family={f: stats.mean_sd([x["per_family"][f] for x in runs.values()])[0]
-                                           for f in fams},
-                               latent_rate=stats.mean_sd([x["latent_rate"] for x in runs.values()])[0],
-                               answer_rate=stats.mean_sd([x["answer_rate"] for x in runs.values()])[0])
-    comparisons = [c for a, b in COMPARISONS if (c := compare(evals, a, b, seeds))]
-    results = dict(eval_split=cfg.eval_split, n_test=len(test), seeds=seeds, tau=tau, selection_on_val=selection, variants=variants,
-                   comparisons=comparisons, shuffled=shuffled, norms=norms, world=world,
-                   difficulty=dict(n_train=len(scored), samples=cfg.samples, kept_latent=kept),
+    # 8. statistics and reports, per evaluated split
+    results = dict(eval_splits=splits, seeds=seeds, tau=tau, selection_on_val=selection,
+                   selection_on_val_per_family=selection_family,
+                   splits={sp: report(evals[sp], seeds, len(rows[sp]), shuffled[sp]) for sp in splits},
+                   norms=norms, world=world,
+                   difficulty=dict(n_train=len(scored), samples=cfg.samples, kept_latent=kept, per_family=by_family),
                    pca={str(k): dict(k=b["k"], rel_mse=b["rel_mse"]) for k, b in bases.items()},
                    config=dataclasses.asdict(cfg), code=code_version(), wall_s=round(time.time() - t0, 1))
     atomic_write_text(os.path.join(cfg.out, "results.json"), json.dumps(results, indent=2) + "\n")
@@ -534,14 +579,58 @@ def train_valr(cfg, base, data, pca_path, tau, seed):
 # ----------------------------------------------------------------------------------------------------------
 # reports
 
+SPLIT_TITLES = {"test": "unseen evidence (test: no aux image occurs in train)",
+                "test_seen": "seen evidence (test_seen: each aux image is a train example's, under a new query "
+                             "image)", "val": "the validation split"}
+
+
 def markdown(res):
-    """The results as Markdown tables: variants (mean +- s.d. over seeds, per family, span and answer rates),
-    paired comparisons, the shuffled control, the norm regime, the world and difficulty."""
-    fams = sorted(next(iter(res["variants"].values()))["per_family"])
+    """The results as Markdown: per evaluated split, the variants (mean +- s.d. over seeds, per family, span and
+    answer rates), paired comparisons and the shuffled control; the tau sweep; the norm regime, the world and
+    difficulty."""
     n_seeds = len(res["seeds"])
-    out = [f"Evaluated on the {res['eval_split']} split: n = {res['n_test']}, {n_seeds} training seed(s) {res['seeds']}; tau = {res['tau']}"
-           + (f" (chosen on val: {res['selection_on_val']})" if res["selection_on_val"] else " (the default)"), "",
-           "| variant | accuracy (mean +- s.d.) | per seed | " + " | ".join(fams) + " | opens a span | answers |",
+    out = [f"{n_seeds} training seed(s) {res['seeds']}; tau = {res['tau']}"
+           + (" (chosen on val)" if res["selection_on_val"] else " (the default)")]
+    for sp in res["eval_splits"]:
+        out += ["", f"### {SPLIT_TITLES[sp]}: n = {res['splits'][sp]['n']}", ""] + split_markdown(res["splits"][sp])
+    if res["selection_on_val"]:
+        fams = sorted(next(iter(res["selection_on_val_per_family"].values())))
+        out += ["", "### tau on the validation split (GAP, first seed; each tau a training run)", "",
+                "| tau | train examples kept latent | val accuracy | " + " | ".join(fams) + " |",
+                "|---|---|---|" + "---|" * len(fams)]
+        for t, acc in res["selection_on_val"].items():
+            fam = res["selection_on_val_per_family"][t]
+            out.append(f"| {t} | {res['difficulty']['kept_latent'].get(t, '')} | {acc:.3f} | "
+                       + " | ".join(f"{fam[f]:.3f}" for f in fams) + " |")
+    n = res["norms"]
+    out.append(f"\nNorms (the base on validation prompts): vision embedding {n['vision_embed']:.2f}, final state {n['final']['last']:.2f}"
+               f" ({n['ratio']:.2f}x; the base as trained: {n['ratio_trained'] or n['ratio']:.2f}x, final norm x "
+               f"{n['c']:.2f}); fed back per variant: " + ", ".join(f"{k} {v:.2f}" for k, v in n["fed_back"].items()))
+    w = res["world"]
+    out.append("\nWorld (train split): " + "; ".join(f"{f}: {x['aux_images']} distinct aux images over {x['answers']} "
+                                                      f"answers (at least {x['min_aux_per_answer']} per answer)"
+                                                      for f, x in w["train"].items())
+               + "; distinct latent targets over the split: " + ", ".join(
+                   f"K={k}: {n}" for k, n in w["train_targets"].items())
+               + ". Aux images that occur in the train split too: " + ", ".join(
+                   f"{s} {100 * v:.1f}%" for s, v in w["aux_in_train"].items())
+               + "; of a plain draw (before test keeps only unseen evidence): " + ", ".join(
+                   f"{s} {100 * v:.1f}%" for s, v in w["plain_draw_aux_in_train"].items()))
+    d = res["difficulty"]
+    out.append(f"\nDifficulty ({d['samples']} base samples per example): kept latent at tau " +
+               ", ".join(f"{t}: {k}/{d['n_train']}" for t, k in d["kept_latent"].items()))
+    out += ["", "| family | base accuracy on train (mean of samples) | kept latent at tau " +
+            ", ".join(d["kept_latent"]) + " |", "|---|---|---|"]
+    for f, x in d["per_family"].items():
+        kept = ", ".join(f"{k}/{x['n']}" for k in x["kept_latent"].values())
+        out.append(f"| {f} | {x['base_accuracy']:.3f} | {kept} |")
+    return "\n".join(out) + "\n"
+
+
+def split_markdown(res):
+    """One split's tables: variants, paired comparisons, the shuffled control."""
+    fams = sorted(next(iter(res["variants"].values()))["per_family"])
+    out = ["| variant | accuracy (mean +- s.d.) | per seed | " + " | ".join(fams) + " | opens a span | answers |",
            "|---|---|---|" + "---|" * len(fams) + "---|---|"]
     for label, v in res["variants"].items():
         out.append(f"| {label} | {v['mean']:.3f} +- {v['sd']:.3f} | {', '.join(f'{a:.3f}' for a in v['seeds'].values())} | "
@@ -551,7 +640,8 @@ def markdown(res):
                 "(only a right / only b right) |", "|---|---|---|---|---|"]
     for c in res["comparisons"]:
         mc = ", ".join(f"{m['p']:.2g} ({m['n10']}/{m['n01']})" for m in c["mcnemar"])
-        out.append(f"| {c['a']} - {c['b']} | {c['diff']:+.3f} | [{c['lo']:+.3f}, {c['hi']:+.3f}] | "
+        where = f" ({c['family']} only)" if "family" in c else ""
+        out.append(f"| {c['a']} - {c['b']}{where} | {c['diff']:+.3f} | [{c['lo']:+.3f}, {c['hi']:+.3f}] | "
                    f"{c['p_bootstrap']:.2g} | {mc} |")
     if res["shuffled"]:
         out += ["", "Shuffled latents, over the seeds: of the items whose donor (or placebo, fed nothing) has another "
@@ -566,44 +656,36 @@ def markdown(res):
                 return 100 * sum(x[key] * x[k] for x in rows) / max(1, sum(x[k] for x in rows))
             out.append(f"| {fam} | {n} | {pooled('donor'):.0f}% | {pn} | {pooled('placebo', 'placebo_n'):.0f}% | "
                        f"{pooled('own'):.0f}% |")
-    n = res["norms"]
-    out.append(f"\nNorms (the base on validation prompts): vision embedding {n['vision_embed']:.2f}, final state {n['final']['last']:.2f}"
-               f" ({n['ratio']:.2f}x; the base as trained: {n['ratio_trained'] or n['ratio']:.2f}x, final norm x "
-               f"{n['c']:.2f}); fed back per variant: " + ", ".join(f"{k} {v:.2f}" for k, v in n["fed_back"].items()))
-    out.append("\nWorld (train split): " + "; ".join(f"{f}: {w['aux_images']} distinct aux images over {w['answers']} "
-                                                      f"answers (at least {w['min_aux_per_answer']} per answer)"
-                                                      for f, w in res["world"]["train"].items())
-               + "; distinct latent targets over the split: " + ", ".join(
-                   f"K={k}: {n}" for k, n in res["world"]["train_targets"].items())
-               + f"; {100 * res['world']['eval_aux_in_train']:.0f}% of the {res['eval_split']} split's aux images "
-                 f"occur in the train split too")
-    d = res["difficulty"]
-    out.append(f"\nDifficulty ({d['samples']} base samples per example): kept latent at tau " +
-               ", ".join(f"{t}: {k}/{d['n_train']}" for t, k in d["kept_latent"].items()))
-    return "\n".join(out) + "\n"
+    return out
 
 
 def plot(res, path):
-    """Accuracy per variant: a bar at the mean over seeds, a dot per seed (PIL only)."""
-    labels = list(res["variants"])
+    """Accuracy per variant on the first evaluated split (unseen evidence): a bar at the mean over seeds, a dot per
+    seed; a red tick at the mean on the second (seen evidence). PIL only."""
+    first, *other = [res["splits"][sp] for sp in res["eval_splits"]]
+    labels = list(first["variants"])
     W, row, left, top = 620, 22, 130, 30
     H = top + row * len(labels) + 30
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    d.text((8, 8), f"toy world: {res['eval_split']} accuracy, mean over seeds (bar) and each seed (dots), n={res['n_test']}",
-           fill="black")
+    seen = f"; red: {res['eval_splits'][1]} mean (n={other[0]['n']})" if other else ""
+    d.text((8, 8), f"toy world: {res['eval_splits'][0]} accuracy (n={first['n']}), mean over seeds (bar), each seed "
+                   f"(dots){seen}", fill="black")
     pw = W - left - 60
     for t in (0, 0.25, 0.5, 0.75, 1.0):
         x = left + t * pw
         d.line([x, top - 4, x, H - 24], fill=(220, 220, 220))
         d.text((x - 10, H - 20), f"{t:.2f}", fill="black")
     for i, label in enumerate(labels):
-        v, y = res["variants"][label], top + i * row
+        v, y = first["variants"][label], top + i * row
         d.text((6, y + 4), label, fill="black")
         d.rectangle([left, y + 4, left + v["mean"] * pw, y + row - 4], fill=(120, 160, 210))
         for a in v["seeds"].values():
             x = left + a * pw
             d.ellipse([x - 3, y + row / 2 - 3, x + 3, y + row / 2 + 3], fill=(20, 20, 20))
+        if other and label in other[0]["variants"]:
+            x = left + other[0]["variants"][label]["mean"] * pw
+            d.line([x, y + 2, x, y + row - 2], fill=(210, 30, 30), width=3)
         d.text((left + pw + 8, y + 4), f"{v['mean']:.3f}", fill="black")  # right of the axis, clear of the dots
     img.save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
