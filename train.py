@@ -88,7 +88,7 @@ class TrainConfig(align_lib.VaLRConfig):
     grad_ckpt: bool = field(default=False, metadata={"help": "activation checkpointing per decoder block"})
     grad_sync: str = field(default="last", metadata={
         "help": "reduce gradients on the last micro-step only (last), or on each (every: with --fsdp the accumulated "
-                "gradients stay sharded, about 25 GiB less per GPU at 7B on 8 GPUs, for one reduce-scatter per step)",
+                "gradients stay sharded: about 25 GiB less per GPU at 7B on 8 GPUs, for a reduce-scatter each time)",
         "choices": ["last", "every"]})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm (0: off)"})
     seed: int = field(default=12345, metadata={"help": "data order and init seed"})
