@@ -140,14 +140,19 @@ def interleaved(variants, repeats, device):
         fn()
     for _ in range(repeats):
         for name, fn in variants.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timed(fn, device))
     return times
+
+
+def timed(fn, device):
+    """Seconds of one call of fn (on a GPU, from an idle device to its work done)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def spread(values):
@@ -159,15 +164,7 @@ def spread(values):
 def best_time(fn, repeats, device):
     """Seconds of the fastest of `repeats` timed calls of fn, after one untimed warm-up call."""
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    times = [timed(fn, device) for _ in range(repeats)]
     return min(times)
 
 

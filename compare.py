@@ -15,6 +15,7 @@ import os
 from dataclasses import field
 
 import stats
+from controls import result_lines
 from common import DataError, parse_config, reading, run_main, user_file
 
 
@@ -32,14 +33,8 @@ def read_results(path):
     """{id: correct} of a results file, in file order; a DataError naming the file and line of a bad one."""
     user_file(path, "results file")
     out = {}
-    with reading(path, "results file"), open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                r = json.loads(line)
-            except ValueError:
-                raise DataError(path, n, "line", "not a JSON result line") from None
-            if not isinstance(r, dict) or "id" not in r:
-                raise DataError(path, n, "id", "missing: not an infer.py result line")
+    with reading(path, "results file"):
+        for n, r in result_lines(path):
             if not isinstance(r.get("correct"), bool):
                 raise DataError(path, n, "correct", f"is {r.get('correct')!r}: the row is not scored (no `answer` "
                                                     f"in the data)")

@@ -91,6 +91,20 @@ def follows(results, other_of, answer_of, matches):
     return dict(n=len(items), share=hits / len(items) if items else None)
 
 
+def result_lines(path):
+    """(line number, result) of each line of an infer.py results file; a DataError naming the file and line of a
+    line that is not one."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+            except ValueError:
+                raise DataError(path, n, "line", "not a JSON result line") from None
+            if not isinstance(r, dict) or "id" not in r:
+                raise DataError(path, n, "id", "missing: not an infer.py result line")
+            yield n, r
+
+
 class Donors:
     """The first pass of the shuffled control: a model-mode results file whose run kept its latents
     (--save_latents), checked to be of this checkpoint and data. `config` (its run config) and `sha256` go into the
@@ -107,16 +121,7 @@ class Donors:
             if self.config.get(k) != want:
                 raise DataError(f"{config_path}: {k} is {self.config.get(k)!r}, this run's is {want!r}{hint}")
         self.path, self.sha256, self.folder = path, file_hash(path), latents_dir(path)
-        self.results = {}
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    raise DataError(path, n, "line", "not a JSON result line") from None
-                if not isinstance(r, dict) or "id" not in r:
-                    raise DataError(path, n, "id", "missing: not an infer.py result line")
-                self.results[r["id"]] = r
+        self.results = {r["id"]: r for _, r in result_lines(path)}
 
     def eligible(self):
         """The ids whose model run opened a span (and so kept latents)."""
