@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -293,6 +294,39 @@ def test_quick_full_grid(tmp_path):
     assert res["code"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", res["code"])  # what made the numbers
     for name in ("results.png", "norms.png", "results.md"):
         assert (tmp_path / name).stat().st_size > 0
+    _resume(tmp_path, res, tau, env)
+
+
+def _resume(out, res, tau, env):
+    """--resume after an interruption: the finished stages are kept (one removed checkpoint retrained, nothing
+    else), a checkpoint that changed under its name is evaluated again (not its stale answers reused), and the
+    numbers are the uninterrupted run's; other settings are refused."""
+    answers = {p: p.read_text() for p in (out / "eval").rglob("*.jsonl")}
+    shutil.rmtree(out / "ckpt" / "dense_s1")  # killed before this stage ended (its state was not saved yet)
+    (out / "results.json").unlink()
+    gap1, hid1 = out / "ckpt" / f"pca_K4_tau{tau}_s1", out / "ckpt" / f"hidden_K4_tau{tau}_s1"
+    shutil.rmtree(gap1)
+    shutil.copytree(hid1, gap1)  # another model under GAP's name (one that answers otherwise): made again
+    cmd = [sys.executable, os.path.join(HERE, "toy.py"), "--quick", "--full", "--out", str(out), "--resume"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert re.findall(r"^== train (\S+):", proc.stdout, re.M) == ["dense_s1"]
+    again = json.loads((out / "results.json").read_text())
+    for path, text in answers.items():
+        if not path.name.startswith(gap1.name):
+            assert path.read_text() == text, path  # reused, or made again alike (dense_s1: retrained alike)
+    for split in ("test", "test_seen"):
+        gap, hid = [_read(out / "eval" / split / f"{n.name}.jsonl") for n in (gap1, hid1)]
+        assert [r["response"] for r in gap] == [r["response"] for r in hid]
+        variants, before = again["splits"][split]["variants"], res["splits"][split]["variants"]
+        assert variants["GAP"]["seeds"]["1"] == before["hidden"]["seeds"]["1"]
+        assert variants["dense caption"] == before["dense caption"] and variants["hidden"] == before["hidden"]
+    fixed = [k for k in res["norms"] if k != "fed_back"]  # fed_back: GAP seed 1's latents are another model's now
+    assert [again["norms"][k] for k in fixed] == [res["norms"][k] for k in fixed]  # not rescaled twice
+    assert again["difficulty"] == res["difficulty"]
+    assert again["selection_on_val"] == res["selection_on_val"] and again["world"] == res["world"]
+    proc = subprocess.run(cmd + ["--pca_var", "0.9"], capture_output=True, text=True, timeout=600, env=env, cwd=HERE)
+    assert proc.returncode != 0 and "settings.pca_var" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
 
 
 def test_summaries_and_paired_comparisons():

@@ -98,6 +98,9 @@ class ToyConfig:
                                                                 "design choice sees a test split)",
                                                         "choices": ["test", "val"]})
     valr: bool = field(default=False, metadata={"help": "also train and evaluate VaLR (README 'VaLR') per seed"})
+    resume: bool = field(default=False, metadata={"help": "go on from what an interrupted run of the same settings "
+                                                           "left in --out (checkpoints, difficulty scores, answers) "
+                                                           "instead of starting afresh"})
 
 
 QUICK = dict(hidden=64, layers=2, n_pretrain=96, n_train=96, n_val=24, n_test=48, n_test_seen=24, base_epochs=2,
@@ -158,9 +161,19 @@ def norm_profile(model_dir, rows, head=None):
 
 def set_norm_regime(base, rows, ratio):
     """Rescale the base's final norm so the final state is `ratio` x the vision-embedding norm on rows (paper
-    Fig. 2b: 8.6 in Qwen2.5-VL-7B). Returns (ratio before, c)."""
+    Fig. 2b: 8.6 in Qwen2.5-VL-7B). Returns (ratio before, c). BASE/norm_regime.json records them (and the weights'
+    hash before) ahead of the rescale, so a resumed run neither rescales twice nor loses the ratio as trained."""
+    from common import atomic_write_text, file_hash
+    record, weights = os.path.join(base, "norm_regime.json"), os.path.join(base, "model.safetensors")
+    if os.path.exists(record):  # a resumed run: the rescale was decided, and maybe done
+        with open(record) as f:
+            done = json.load(f)
+        if file_hash(weights) == done["weights_before"]:
+            rescale_final_norm(base, done["c"])
+        return done["ratio_trained"], done["c"]
     before = norm_profile(base, rows)["ratio"]
     c = ratio / before
+    atomic_write_text(record, json.dumps(dict(ratio_trained=before, c=c, weights_before=file_hash(weights))))
     rescale_final_norm(base, c)
     return before, c
 
@@ -184,7 +197,8 @@ def difficulty(cfg, ckpt, data, out_path):
     only) that match `answer`. Returns the scored rows."""
     import difficulty as difficulty_py
     from sharded import clear_outputs
-    clear_outputs(out_path)  # a fresh measurement, not a resume of an older run
+    if not cfg.resume:
+        clear_outputs(out_path)  # a fresh measurement, not a resume of an older run
     difficulty_py.main(difficulty_py.DifficultyConfig(
         model=ckpt, data=data, out=out_path, samples=cfg.samples, temperature=cfg.difficulty_temperature,
         max_new_tokens=cfg.max_new_tokens, batch_size=max(1, cfg.eval_batch // cfg.samples), seed=cfg.seed))
@@ -201,6 +215,13 @@ def evaluate(cfg, ckpt, rows, path, mode="model", norm_calib="none", given=None,
     import infer
     from answers import answers_match, extract_answer
     from common import atomic_write_text
+    key = eval_key(cfg, ckpt, rows, mode, norm_calib, given, tags, seed)
+    done = path[:-len(".jsonl")] + ".done.pt"  # written before the answers: an answers file without it is torn
+    if cfg.resume and os.path.exists(path) and os.path.exists(done):
+        saved = torch.load(done)
+        if saved["key"] == key:  # the same checkpoint, rows, mode and fed latents as this evaluation
+            with open(path) as f:
+                return [json.loads(line) for line in f], saved["latents"]
     ic = infer.InferConfig(ckpt=ckpt, latent_mode=mode, norm_calib=norm_calib, max_new_tokens=cfg.max_new_tokens,
                            seed=cfg.seed if seed is None else seed)
     runner = infer.Runner(ic)
@@ -225,8 +246,25 @@ def evaluate(cfg, ckpt, rows, path, mode="model", norm_calib="none", given=None,
                                 latent="<latent>" in response,
                                 answered="<answer>" in response and "</answer>" in response,
                                 **(tags or {}).get(r["id"], {})))
+    torch.save(dict(key=key, latents=latents), done + ".tmp")
+    os.replace(done + ".tmp", done)
     atomic_write_text(path, "".join(json.dumps(x) + "\n" for x in results))
     return results, latents
+
+
+def eval_key(cfg, ckpt, rows, mode, norm_calib, given, tags, seed):
+    """What an evaluation's answers derive from: the checkpoint's files, the rows, the mode and its settings and
+    the latents it feeds (a hash). A resumed run reuses an answers file only under the same key."""
+    import hashlib
+    from common import file_hash
+    h = hashlib.sha256(json.dumps(dict(
+        ckpt=[file_hash(os.path.join(ckpt, n)) for n in ("gap.json", "model.safetensors", "latent_head.safetensors")
+              if os.path.exists(os.path.join(ckpt, n))],
+        ids=[r["id"] for r in rows], mode=mode, norm_calib=norm_calib, tags=tags, seed=seed,
+        max_new_tokens=cfg.max_new_tokens, eval_batch=cfg.eval_batch)).encode())
+    for r in rows if given is not None else ():
+        h.update(given[r["id"]].float().numpy().tobytes())
+    return h.hexdigest()
 
 
 def evidence_pool(r):
@@ -388,14 +426,13 @@ def run(cfg: ToyConfig):
     t0 = time.time()
     seeds = ints(cfg.seeds) if cfg.full else ints(cfg.seeds)[:1]
     K = cfg.latent_tokens
-    for sub in ("data", "cache", "eval", "tiny", "ckpt", "encoder"):
-        shutil.rmtree(os.path.join(cfg.out, sub), ignore_errors=True)
-    os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
+    codes = begin(cfg)
 
     # 1. the world
     sizes = dict(pretrain=cfg.n_pretrain, train=cfg.n_train, val=cfg.n_val, test=cfg.n_test,
                  test_seen=cfg.n_test_seen)
     paths, drawn = write_world(os.path.join(cfg.out, "data"), sizes, cfg.seed, cfg.image_size)
+    same_world(cfg, paths)
     print(f"world: {check_world(paths)} unique (image, question) pairs over {', '.join(SPLITS)} -> {cfg.out}/data")
     rows = {s: read_jsonl(p)[0] for s, p in paths.items()}
     # the splits evaluated: unseen evidence (test) and seen evidence (test_seen), or val while developing the world
@@ -523,13 +560,55 @@ def run(cfg: ToyConfig):
                    norms=norms, world=world,
                    difficulty=dict(n_train=len(scored), samples=cfg.samples, kept_latent=kept, per_family=by_family),
                    pca={str(k): dict(k=b["k"], rel_mse=b["rel_mse"]) for k, b in bases.items()},
-                   config=dataclasses.asdict(cfg), code=code_version(), wall_s=round(time.time() - t0, 1))
+                   config=dataclasses.asdict(cfg), code=codes[-1], wall_s=round(time.time() - t0, 1))
+    if len(codes) > 1:
+        results["resumed_from_code"] = codes[:-1]  # the interrupted run's parts were made by this code
     atomic_write_text(os.path.join(cfg.out, "results.json"), json.dumps(results, indent=2) + "\n")
     atomic_write_text(os.path.join(cfg.out, "results.md"), markdown(results))
     plot(results, os.path.join(cfg.out, "results.png"))
     print("\n" + markdown(results))
     print(f"{results['wall_s']:.0f} s -> {cfg.out}/results.json, results.md, results.png, norms.png")
     return results
+
+
+def begin(cfg):
+    """Start a run in cfg.out: afresh (what an older run left is removed), or with --resume on what an interrupted
+    run of the same settings left, checked against its OUT/run.json (a one-line error names the first setting that
+    differs). Returns the code versions that made OUT's files, this one last."""
+    from common import DataError, atomic_write_text
+    path = os.path.join(cfg.out, "run.json")
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "resume", "threads")}
+    codes, old = [code_version()], None
+    if cfg.resume and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        for k in sorted(set(settings) | set(old["settings"])):
+            if old["settings"].get(k) != settings.get(k):
+                raise DataError(f"{path}: settings.{k}: the interrupted run had {old['settings'].get(k)!r}, this "
+                                f"one {settings.get(k)!r}: run with its settings, or without --resume to start afresh")
+        codes = old["code"] + [c for c in codes if c not in old["code"]]
+        print(f"resuming the run in {cfg.out} (its finished stages are kept)")
+    elif cfg.resume:
+        print(f"nothing to resume in {cfg.out} (no run.json): starting afresh")
+    for sub in ("tiny",) if old else ("data", "cache", "eval", "tiny", "ckpt", "encoder"):  # tiny: rebuilt alike
+        shutil.rmtree(os.path.join(cfg.out, sub), ignore_errors=True)
+    os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
+    atomic_write_text(path, json.dumps(dict(settings=settings, code=codes, world=(old or {}).get("world")), indent=1))
+    return codes
+
+
+def same_world(cfg, paths):
+    """Record the drawn splits' hashes in OUT/run.json; a resumed run must have drawn the same world (its scores,
+    targets and checkpoints were made on it)."""
+    from common import DataError, atomic_write_text, file_hash
+    path = os.path.join(cfg.out, "run.json")
+    with open(path) as f:
+        record = json.load(f)
+    world = {s: file_hash(p) for s, p in paths.items()}
+    if record["world"] not in (None, world):
+        raise DataError(f"{path}: world: this run drew other splits than the interrupted one ({world} vs "
+                        f"{record['world']}): run without --resume")
+    atomic_write_text(path, json.dumps(record | dict(world=world), indent=1))
 
 
 def code_version():
