@@ -18,6 +18,7 @@ import pytest
 
 import stats
 import toy
+import toy_report
 import toy_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -228,7 +229,7 @@ def test_quick_full_grid(tmp_path):
     val = {t: _read(tmp_path / "eval" / f"val_tau{t}.jsonl") for t in toy.floats(toy.QUICK["taus"])}
     assert res["selection_on_val"] == {str(t): pytest.approx(sum(r["correct"] for r in v) / toy.QUICK["n_val"])
                                        for t, v in val.items()}
-    assert res["selection_on_val_per_family"] == {str(t): toy.summarize(v)["per_family"] for t, v in val.items()}
+    assert res["selection_on_val_per_family"] == {str(t): toy_report.summarize(v)["per_family"] for t, v in val.items()}
     assert res["tau"] == max(val, key=lambda t: res["selection_on_val"][str(t)])
     tau = res["tau"]
     files = {"base": "base", "dense caption": "dense_s{s}", "GAP": f"pca_K4_tau{tau}_s{{s}}",
@@ -338,20 +339,21 @@ def test_summaries_and_paired_comparisons():
 
     a = {0: res([1, 1, 1, 0, 1, 0]), 1: res([1, 1, 0, 0, 1, 1])}
     b = {0: res([0, 1, 0, 0, 1, 1]), 1: res([0, 0, 0, 1, 1, 1])}
-    s = toy.summarize(a[0])
+    s = toy_report.summarize(a[0])
     assert s["accuracy"] == pytest.approx(4 / 6) and s["latent_rate"] == pytest.approx(2 / 6)
     assert s["per_family"] == {"compare": pytest.approx(1.0), "total": pytest.approx(1 / 3)}
-    c = toy.compare({"A": a, "B": b, "base": {"all": res([0] * 6)}}, "A", "B", [0, 1])
+    c = toy_report.compare({"A": a, "B": b, "base": {"all": res([0] * 6)}}, "A", "B", [0, 1])
     assert [(m["n10"], m["n01"]) for m in c["mcnemar"]] == [(2, 1), (2, 1)]
     assert c["diff"] == pytest.approx((4 - 3 + 4 - 3) / 2 / 6)
-    assert toy.compare({"A": a, "base": {"all": res([1] * 6)}}, "A", "base", [0, 1])["diff"] == pytest.approx(-2 / 6)
+    against_base = toy_report.compare({"A": a, "base": {"all": res([1] * 6)}}, "A", "base", [0, 1])
+    assert against_base["diff"] == pytest.approx(-2 / 6)
     # x1's donor x2 (answer "2"): x1 answered "1" (its own); x3's donor x4: x3 answered "4" (the donor's)
     shuffled = res([1, 1, 1, 0, 1, 1])
     shuffled[3]["pred"] = "4"
-    f = toy.follows(shuffled, {"x1": "x2", "x3": "x4"}, {f"x{i}": str(i) for i in range(6)})
+    f = toy_report.follows(shuffled, {"x1": "x2", "x3": "x4"}, {f"x{i}": str(i) for i in range(6)})
     assert f == dict(n=2, other=0.5, own=0.5)
     with pytest.raises(ValueError, match="pairing"):  # b scored on other items, or in another order
-        toy.compare({"A": a, "B": {0: b[0][::-1], 1: b[1]}}, "A", "B", [0, 1])
+        toy_report.compare({"A": a, "B": {0: b[0][::-1], 1: b[1]}}, "A", "B", [0, 1])
 
 
 def test_donors_share_the_evidence_pool():
