@@ -68,6 +68,16 @@ def gap(world):
     return make_gap(world)
 
 
+@pytest.fixture(scope="module")
+def ckpt(world, tmp_path_factory):
+    """make_gap(world) saved as a checkpoint directory (one per test module)."""
+    from checkpoint import save_checkpoint
+    path = str(tmp_path_factory.mktemp("ckpt") / "gap")
+    gap, tokenizer, image_processor = make_gap(world)
+    save_checkpoint(gap, tokenizer, image_processor, path, {}, basis=world["basis"])
+    return path
+
+
 def prompts(world, tokenizer, image_processor, questions, end_with_start=()):
     """Left-padded generation batch; rows listed in end_with_start have the prompt end in <|latent_start|>."""
     rows, _ = read_jsonl(world["data"])

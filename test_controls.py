@@ -11,22 +11,13 @@ import pytest
 import torch
 
 import stats
-from checkpoint import save_checkpoint
 from common import DataError, parse_config
-from conftest import biased, make_gap, write_jsonl
+from conftest import biased, write_jsonl
 
 # sampled (each row from its own generator) with <|latent_start|>'s logit raised: some rows open a span, some not
 # (greedy, the random model's answers barely depend on the image: all rows open one, or none)
 BIAS = float(os.environ.get("BIAS", "3.0"))
 SAMPLED = ["--max_new_tokens", "24", "--temperature", "1.0"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(world, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("controls") / "gap")
-    gap, tokenizer, image_processor = make_gap(world)
-    save_checkpoint(gap, tokenizer, image_processor, path, {}, basis=world["basis"])
-    return path
 
 
 @pytest.fixture(scope="module")

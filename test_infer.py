@@ -19,14 +19,6 @@ from checkpoint import save_checkpoint
 SLOW = ["--batch_size", "5", "--max_new_tokens", "96", "--temperature", "1.0", "--latent_mode", "noise"]
 
 
-@pytest.fixture(scope="module")
-def ckpt(world, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("infer") / "gap")
-    gap, tokenizer, image_processor = make_gap(world)
-    save_checkpoint(gap, tokenizer, image_processor, path, {}, basis=world["basis"])
-    return path
-
-
 def cli(ckpt, data, out, *flags):
     return ["infer.py", "--ckpt", ckpt, "--data", data, "--out", str(out), *flags]
 
